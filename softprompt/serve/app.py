@@ -1,0 +1,360 @@
+"""The HTTP server: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`, softprompt's
+`/v1/adapters`, and the playground page at `/`.
+
+The request's `model` picks the adapter (or the base model by its name). Every failure answers with
+OpenAI's error object and a 4xx status; a request the engine could not finish answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .async_engine import AsyncEngine, RequestStream
+from .engine import ContextTooLong, Engine, UnknownAdapter
+from .protocol import (
+    SEED_TEMPLATE,
+    TOKENIZER_TEMPLATE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    seed_chat_prompt,
+)
+from .registry import AdapterExists, AdapterPathError, AdapterRegistry
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(
+    engine: Engine,
+    tokenizer,
+    *,
+    model_name: str,
+    registry: AdapterRegistry | None = None,
+    api_key: str | None = None,
+    chat_template: str = SEED_TEMPLATE,
+) -> FastAPI:
+    """The app around `engine`; its lifespan starts and stops the engine's thread."""
+    if chat_template not in (SEED_TEMPLATE, TOKENIZER_TEMPLATE):
+        raise ValueError(f"chat_template={chat_template!r} is not valid; allowed values: 'seed', 'tokenizer'")
+    if chat_template == TOKENIZER_TEMPLATE and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template='tokenizer', but the tokenizer has no chat template; use 'seed'")
+    runner = AsyncEngine(engine)
+    registry = registry or AdapterRegistry(engine, model_name)
+    started = int(time.time())
+
+    async def lifespan(app: FastAPI):
+        runner.start()
+        yield
+        await run_in_threadpool(runner.stop)
+
+    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.runner, app.state.registry = runner, registry
+    app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _error_handlers(app)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def adapter_for(model: str) -> str | None:
+        if model == model_name:
+            return None
+        if model in engine.model.peft_config:
+            return model
+        known = ", ".join([model_name, *engine.model.peft_config])
+        raise APIError(404, f"The model {model!r} does not exist; served models: {known}", param="model", code="model_not_found")
+
+    def model_card(name: str) -> dict:
+        info = registry.adapters.get(name)
+        card = {"id": name, "object": "model", "created": info.created if info else started, "owned_by": "softprompt",
+                "root": model_name, "parent": model_name if info else None}
+        if info:
+            card["softprompt"] = {"method": info.method, "num_virtual_tokens": info.num_virtual_tokens}
+        return card
+
+    def encode(text: str, special: bool = True) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer; send the prompt as token ids", param="prompt")
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def submit(prompts: list[list[int]], req, adapter: str | None, default_max: int | None) -> list[RequestStream]:
+        """Check every sequence first, then queue them all: a bad one queues none."""
+        plans = []
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "The prompt is empty; send at least one token", param="prompt", code="empty_prompt")
+            max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or default_max
+            if max_tokens is None:  # chat: whatever room the context leaves
+                max_tokens = engine.max_model_len - engine.num_virtual_tokens(adapter) - len(ids)
+                if max_tokens < 1:
+                    raise APIError(400, f"The prompt is {len(ids)} tokens, which leaves no room to answer within the "
+                                   f"server's context of {engine.max_model_len} tokens", param="messages",
+                                   code="context_length_exceeded")
+            for j in range(req.n):
+                params = req.sampling_params(max_tokens, seed_offset=j)
+                try:
+                    engine.check(ids, params, adapter)
+                except ContextTooLong as err:
+                    too_long = engine.num_virtual_tokens(adapter) + len(ids) >= engine.max_model_len
+                    param = ("prompt" if isinstance(req, CompletionRequest) else "messages") if too_long else "max_tokens"
+                    raise APIError(400, str(err), param=param, code="context_length_exceeded") from err
+                except UnknownAdapter as err:
+                    raise APIError(404, str(err), param="model", code="model_not_found") from err
+                except ValueError as err:
+                    raise APIError(400, str(err)) from err
+                plans.append((ids, params))
+        try:
+            return [runner.submit(ids, params, adapter) for ids, params in plans]
+        except UnknownAdapter as err:  # unloaded in between
+            raise APIError(404, str(err), param="model", code="model_not_found") from err
+
+    # -- routes -----------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(model_name)] + [model_card(n) for n in list(registry.adapters)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        adapter_for(name)
+        return model_card(name)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        adapter = adapter_for(req.model)
+        prompt = req.prompt
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "The prompt is empty; send at least one token", param="prompt", code="empty_prompt")
+        if len(prompt) * req.n > 64:
+            raise APIError(400, "at most 64 completions per request (prompts x n)", param="n")
+        texts = [p if isinstance(p, str) else None for p in prompt]
+        ids = [encode(p) if isinstance(p, str) and p else ([] if isinstance(p, str) else p) for p in prompt]
+        streams = submit(ids, req, adapter, default_max=16)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [""] * len(ids)
+        if req.echo:  # the prompt's text before each answer
+            echo = [t if t is not None else (tokenizer.decode(i) if tokenizer else "") for t, i in zip(texts, ids)]
+
+        def chunk(index: int, text: str, finish: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                started = set()
+                async for index, delta in merged(streams):
+                    prefix = "" if index in started else echo[index // req.n]
+                    started.add(index)
+                    if delta.text or prefix or delta.finished:
+                        yield sse(chunk(index, prefix + delta.text, finish_reason(delta)))
+                if req.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                               "choices": [], "usage": usage(ids, req.n, streams)})
+            return StreamingResponse(with_done(events()), media_type="text/event-stream")
+        results = await collect(streams)
+        choices = [{"index": i, "text": echo[i // req.n] + text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(results)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
+                "usage": usage(ids, req.n, streams)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        adapter = adapter_for(req.model)
+        if not any(m.text.strip() for m in req.messages if m.role == "user"):
+            raise APIError(400, "The messages hold no user text; send at least one non-empty user message",
+                           param="messages", code="empty_prompt")
+        if chat_template == SEED_TEMPLATE:
+            ids = encode(seed_chat_prompt(req.messages))
+        else:
+            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            ids = encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), special=False)
+        streams = submit([ids], req, adapter, default_max=None)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, delta: dict, finish: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if req.stream:
+            async def events() -> AsyncIterator[str]:
+                for i in range(len(streams)):
+                    yield sse(chunk(i, {"role": "assistant", "content": ""}, None))
+                async for index, delta in merged(streams):
+                    if delta.text:
+                        yield sse(chunk(index, {"content": delta.text}, None))
+                    if delta.finished:
+                        yield sse(chunk(index, {}, finish_reason(delta)))
+                if req.include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                               "choices": [], "usage": usage([ids], req.n, streams)})
+            return StreamingResponse(with_done(events()), media_type="text/event-stream")
+        results = await collect(streams)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(results)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
+                "usage": usage([ids], req.n, streams)}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(req: LoadAdapterRequest):
+        try:
+            await run_in_threadpool(registry.load, req.name, req.path)
+        except AdapterExists as err:
+            raise APIError(409, str(err), param="name", code="adapter_exists") from err
+        except AdapterPathError as err:
+            raise APIError(403, str(err), type="permission_error", param="path", code="path_not_allowed") from err
+        except FileNotFoundError as err:
+            raise APIError(404, str(err), type="not_found_error", param="path", code="adapter_not_found") from err
+        except (ValueError, TypeError, RuntimeError, OSError) as err:  # a folder that is not a usable adapter
+            raise APIError(400, f"could not load the adapter: {err}", param="path", code="invalid_adapter") from err
+        return model_card(req.name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        try:
+            await run_in_threadpool(registry.unload, name)
+        except KeyError as err:
+            raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found") from err
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+# -- streaming helpers ------------------------------------------------------------------------------
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events, then `data: [DONE]`; an engine failure becomes an error event, not a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as err:
+        yield sse(err.body())
+    yield "data: [DONE]\n\n"
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
+    """`(index, delta)` from all streams as they come; raises `APIError` if the engine failed one."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        async for delta in stream:
+            await queue.put((index, delta))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, delta = await queue.get()
+            if delta.finished and delta.finish_reason in ("error", "unloaded", "abort"):
+                raise engine_error(delta)
+            yield index, delta
+            remaining -= delta.finished
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(streams: list[RequestStream]) -> list[tuple[str, str | None]]:
+    texts = [""] * len(streams)
+    reasons: list[str | None] = [None] * len(streams)
+    async for index, delta in merged(streams):
+        texts[index] += delta.text
+        if delta.finished:
+            reasons[index] = finish_reason(delta)
+    return list(zip(texts, reasons))
+
+
+def engine_error(delta) -> APIError:
+    if delta.finish_reason == "unloaded":
+        return APIError(404, delta.error or "the adapter was unloaded", param="model", code="model_not_found")
+    return APIError(503, delta.error or "the request was not completed", type="server_error")
+
+
+def finish_reason(delta) -> str | None:
+    return delta.finish_reason if delta.finished else None
+
+
+def usage(prompts: list[list[int]], n: int, streams: list[RequestStream]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(s.seq.output_ids) for s in streams)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# -- errors and the API key -------------------------------------------------------------------------
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        errors = err.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "")
+            message = f"The request body is not valid JSON: {reason}".rstrip(": ")
+            return JSONResponse(APIError(400, message, code="invalid_json").body(), status_code=400)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic names union branches in loc (`str`, `list[int]`); keep the field path only
+        field = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
+        message = first.get("msg", "invalid request")
+        same_field = [e for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
+        if len(same_field) > 1 and first.get("type", "").endswith("_type"):  # a union: name no single branch
+            message = "wrong type; see the API reference for the accepted types"
+        if field:
+            message = f"{field}: {message}"
+        return JSONResponse(APIError(400, message, param=field or None, code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message, type=kind).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):  # a bug: still answer in OpenAI's shape
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body(),
+                            status_code=500)
+
+
+class APIKeyMiddleware:
+    """With an API key set, `/v1/*` needs `Authorization: Bearer <key>` (checked before the body is read)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if self.api_key is None or scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return await self.app(scope, receive, send)
+        body = APIError(401, "Incorrect API key provided; send it as 'Authorization: Bearer <key>'",
+                        code="invalid_api_key").body()
+        await JSONResponse(body, status_code=401)(scope, receive, send)

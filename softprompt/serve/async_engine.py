@@ -1,0 +1,90 @@
+"""`AsyncEngine`: the engine stepping on its own thread, each request an async stream of `Delta`s.
+
+The HTTP handlers run on asyncio; the model runs on one background thread that steps whenever there
+is work. A request's deltas cross over with `call_soon_threadsafe`; a client that goes away aborts its
+sequence, which frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+import torch
+
+from .engine import Engine
+from .params import SamplingParams
+from .sequence import Delta, Sequence
+
+log = logging.getLogger("softprompt.serve")
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()  # OpenMP's setting is per thread: carry the caller's over
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        while not self._stop.is_set():
+            self._wake.clear()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=1.0)
+                continue
+            try:
+                self.engine.step()
+            except Exception as err:  # e.g. out of memory: fail these requests, keep serving
+                log.exception("engine step failed")
+                self.engine.fail_all(f"the engine failed on this batch: {type(err).__name__}: {err}")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> "RequestStream":
+        """Queue one request (raises now what `Engine.add` raises for an invalid one); iterate the result."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+
+        def on_output(delta: Delta) -> None:
+            loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        seq = self.engine.add(prompt_ids, params, adapter, on_output)
+        self.start()  # normally running since the app's startup; a no-op then
+        self._wake.set()
+        return RequestStream(self, seq, deltas)
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            seq.aborted = True
+            self._wake.set()
+
+
+class RequestStream:
+    """A submitted request's deltas, until the finishing one; leaving early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, seq: Sequence, deltas: asyncio.Queue):
+        self.engine, self.seq, self._deltas = engine, seq, deltas
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            while True:
+                delta = await self._deltas.get()
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            self.engine.abort(self.seq)

@@ -1,0 +1,164 @@
+"""OpenAI's request bodies (the parts softprompt serves), its error object, and the chat prompt.
+
+Fields OpenAI defines but softprompt does not implement are accepted only at their neutral value
+(`presence_penalty: 0`, `logprobs: null`, ...) and refused otherwise, never silently ignored;
+unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .params import SamplingParams
+
+SEED_TEMPLATE = "seed"
+TOKENIZER_TEMPLATE = "tokenizer"
+
+
+class APIError(Exception):
+    """An error with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # softprompt's extension (vLLM's name)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _neutral_only(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ValueError(f"{name} is not supported by softprompt; leave it out or 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by softprompt; leave it out")
+        if self.stream_options is not None:
+            unknown = set(self.stream_options) - {"include_usage"}
+            if unknown:
+                raise ValueError(f"stream_options: unknown keys {sorted(unknown)}; only include_usage is supported")
+            if not self.stream:
+                raise ValueError("stream_options is only allowed with stream: true")
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            raise ValueError("stop: at most 16 stop strings")
+        return self
+
+    def sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            top_k=self.top_k or 0,
+            seed=None if self.seed is None else self.seed + seed_offset,
+            stop=tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()),
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_only(self):
+        if self.logprobs not in (None, 0):
+            raise ValueError("logprobs is not supported by softprompt; leave it out")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by softprompt; leave it out (or equal to n)")
+        if self.suffix:
+            raise ValueError("suffix is not supported by softprompt; leave it out")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_only(self):
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs is not supported by softprompt; leave it out")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format is not supported by softprompt; leave it out or {'type': 'text'}")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools are not supported by softprompt; leave them out")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    path: str
+
+
+def seed_chat_prompt(messages: list[ChatMessage]) -> str:
+    """The seed's training format: `Human: ...\\n\\nAssistant: `, turns one after another.
+
+    System (or developer) text goes first; an assistant message at the end is continued, not closed.
+    """
+    parts: list[str] = []
+    for i, m in enumerate(messages):
+        text = m.text.strip()
+        if m.role in ("system", "developer"):
+            parts.append(text + "\n\n")
+        elif m.role == "user":
+            parts.append("Human: " + text + "\n\nAssistant: ")
+        elif i == len(messages) - 1:
+            parts.append(text)  # continue the assistant's answer
+        else:
+            parts.append(text + "\n\n")
+    return "".join(parts)

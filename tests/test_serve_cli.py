@@ -1,0 +1,57 @@
+"""`python -m softprompt.serve` end to end: a saved model and adapter, a real process, a real socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from _serve_fixtures import free_port, tiny_base, tiny_peft, tiny_tokenizer
+
+from softprompt import files
+
+
+def test_serve_command_loads_model_and_adapters_and_answers(tmp_path):
+    tiny_base("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    source = tiny_peft("llama")
+    files.save_adapter(source.prompt_encoder["prefix8"], "prefix8", tmp_path / "adapters" / "prefix8")
+    files.save_adapter(source.prompt_encoder["pt4"], "pt4", tmp_path / "root" / "pt4")
+    port = free_port()
+    cmd = [sys.executable, "-m", "softprompt.serve", "--model", str(tmp_path / "model"), "--served-model-name", "tiny",
+           "--adapter", f"zh={tmp_path / 'adapters' / 'prefix8'}", "--adapter-root", str(tmp_path / "root"),
+           "--port", str(port), "--api-key", "k", "--max-model-len", "128", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
+    try:
+        with httpx.Client(timeout=10) as http:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                try:
+                    if http.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+            models = http.get(url + "/v1/models", headers=auth).json()["data"]
+            assert [m["id"] for m in models] == ["tiny", "zh"]
+            r = http.post(url + "/v1/chat/completions", headers=auth,
+                          json={"model": "zh", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            assert http.post(url + "/v1/adapters", headers=auth, json={"name": "en", "path": "pt4"}).status_code == 201
+            assert http.post(url + "/v1/completions", headers=auth,
+                             json={"model": "en", "prompt": "x", "max_tokens": 3}).status_code == 200
+            assert http.get(url + "/v1/models").status_code == 401
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
