@@ -39,6 +39,42 @@ def build_prefix_cache(model_config, key_values: torch.Tensor, *, frozen: bool) 
     return cache
 
 
+class _RoutePrefixGrad(torch.autograd.Function):
+    """Identity on the input embeddings; its backward hands the detached prefix's gradient to the prefix graph.
+
+    Reentrant checkpointing back-propagates each layer in its own backward call. A prefix that enters the
+    layers through the cache would then be traversed once per layer, and the second traversal finds the
+    prefix graph freed. So the layers get a detached leaf; they accumulate its gradient, and this node,
+    which runs after every layer (it sits below layer 0), passes the sum on in one go.
+    """
+
+    @staticmethod
+    def forward(ctx, embeds: torch.Tensor, key_values: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return embeds.view_as(embeds)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        leaf_grad = ctx.leaf.grad
+        return grad, torch.zeros_like(ctx.leaf) if leaf_grad is None else leaf_grad, None
+
+
+def route_prefix_grad(key_values: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix leaf for the cache, embeddings to feed the model) under reentrant gradient checkpointing."""
+    leaf = key_values.detach().requires_grad_(True)
+    return leaf, _RoutePrefixGrad.apply(embeds, key_values, leaf)
+
+
+def reentrant_checkpointing(model) -> bool:
+    """Whether `model`'s layers are checkpointed (training mode) with torch's reentrant checkpoint."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None:
+                return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
 @lru_cache(maxsize=None)
 def _forward_params(model_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)

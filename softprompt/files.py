@@ -172,6 +172,7 @@ def load_adapter(
         prefix = f"prompt_encoder.{meta.get('adapter_name', 'default')}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         _load_state(adapter, state, state_path)
+        _check_matches_export(adapter, folder)
         return adapter
     # peft's file: only the exported prompt; the encoder (if any) is gone, so build the inference form.
     exported = _read_prompt_embeddings(folder)
@@ -186,6 +187,20 @@ def load_adapter(
         )
     adapter.load_exported(exported)
     return adapter
+
+
+def _check_matches_export(adapter: PromptAdapter, folder: Path) -> None:
+    """`model.safetensors` must describe the same prompt as peft's file beside it: another tool (peft)
+    may have rewritten the adapter and left our state file behind, stale."""
+    if not (folder / WEIGHTS_NAME).is_file() and not (folder / LEGACY_WEIGHTS_NAME).is_file():
+        return
+    exported = _read_prompt_embeddings(folder)
+    ours = adapter.exported()
+    if exported.shape != ours.shape or not torch.allclose(exported, ours, rtol=1e-4, atol=1e-4):
+        raise ValueError(
+            f"{folder / STATE_NAME} does not match {folder / WEIGHTS_NAME} (the adapter was rewritten by another "
+            f"tool?); delete {STATE_NAME} to load the exported prompt, or save the adapter again"
+        )
 
 
 def _build(config: PromptLearningConfig, shape: ModelShape) -> PromptAdapter:

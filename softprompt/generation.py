@@ -111,6 +111,12 @@ def generate(model, input_ids=None, attention_mask=None, adapter_names=None, inp
         if kwargs.get(name) is not None:
             raise ValueError(f"generate(): {name} is not supported by softprompt")
         kwargs.pop(name, None)
+    # transformers: with no max_length anywhere, the default (20) counts *new* tokens, capped by the context
+    default_length = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and getattr(getattr(base, "generation_config", None), "max_length", None) is None
+    )
     config = resolve_generation_config(base, generation_config, kwargs)
     if input_ids is None and inputs_embeds is None:
         raise ValueError("generate() needs input_ids (or inputs_embeds)")
@@ -130,6 +136,8 @@ def generate(model, input_ids=None, attention_mask=None, adapter_names=None, inp
     if attention_mask is None:
         attention_mask = torch.ones(B, L, dtype=torch.long, device=device)
     max_length = L + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    if config.max_new_tokens is None and default_length:
+        max_length = min(L + config.max_length, getattr(model.config, "max_position_embeddings", None) or 1 << 62)
     if max_length <= L:
         raise ValueError(
             f"the input is {L} tokens and max_length={max_length}: nothing to generate; raise max_length "

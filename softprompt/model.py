@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import files
 from .adapter import PromptAdapter
-from .cache import accepts, build_prefix_cache, cache_kwarg
+from .cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
 from .config import ModelShape, PromptLearningConfig
 from .layout import Arranged, arrange
 
@@ -149,6 +150,16 @@ class PeftModel(PreTrainedModel):
         # Reentrant checkpointing only back-propagates if a layer input needs grad; the prefix comes in
         # through the cache, so make the text embeddings require grad (cheap: no weight grads).
         base.enable_input_require_grads()
+        # transformers drops the cache of checkpointed layers unless they declare they only read it; ours
+        # does (FrozenPrefixCache never stores: the backward replay sees the same keys), and decoding runs
+        # without grad, where layers are not checkpointed. The layers checkpoint themselves; a flag left on
+        # the backbone only drops the cache (GPT-2) or use_cache, so it is cleared.
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for module in base.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
+            elif layers and getattr(module, "gradient_checkpointing", False):
+                module.gradient_checkpointing = False
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
@@ -241,6 +252,8 @@ class PeftModel(PreTrainedModel):
         names = self.row_adapters(adapter_names, B)
         virtual, v_lens, kv, p_lens, width = self._prompts(names, inputs_embeds.dtype, device)
         arranged = arrange(inputs_embeds, attention_mask, labels, virtual, v_lens, p_lens, width)
+        if kv is not None and frozen_cache and kv.requires_grad and reentrant_checkpointing(self.base_model):
+            kv, arranged.inputs_embeds = route_prefix_grad(kv, arranged.inputs_embeds)
         cache = build_prefix_cache(self.config, kv, frozen=frozen_cache) if kv is not None else None
         return arranged, cache
 
