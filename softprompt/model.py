@@ -287,7 +287,31 @@ class PeftModel(PreTrainedModel):
                 raise ValueError(f"forward() builds its own {name}; use generate() to decode with a cache")
             kwargs.pop(name, None)
         arranged, cache = self.prepare(input_ids, attention_mask, inputs_embeds, labels, adapter_names, frozen_cache=True)
-        return self.base_model(**self.base_kwargs(arranged, cache), labels=arranged.labels, use_cache=False, **kwargs)
+        base_kwargs = self.base_kwargs(arranged, cache)
+        if arranged.labels is not None and kwargs.get("logits_to_keep") in (None, 0) and self.loss_only:
+            return self._loss_only_forward(base_kwargs, arranged.labels, kwargs)
+        return self.base_model(**base_kwargs, labels=arranged.labels, use_cache=False, **kwargs)
+
+    # Set True (softprompt's trainer does) to skip the LM head where no label follows: the virtual tokens
+    # and the masked prompt. Same loss and gradients; `logits` then cover only the kept last positions.
+    loss_only: bool = False
+
+    def _loss_only_forward(self, base_kwargs: dict, labels: torch.Tensor, kwargs: dict):
+        base = self.base_model
+        if not accepts(base, "logits_to_keep"):
+            return base(**base_kwargs, labels=labels, use_cache=False, **kwargs)
+        shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)  # (B, T)
+        has_label = (shift_labels != -100).any(dim=0).nonzero()
+        T = labels.shape[1]
+        keep = T - int(has_label[0]) if has_label.numel() else 1
+        kwargs = dict(kwargs, logits_to_keep=keep)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        out = base(**base_kwargs, use_cache=False, **kwargs)
+        out.loss = base.loss_function(
+            logits=out.logits, labels=None, shift_labels=shift_labels[:, T - keep :].contiguous(),
+            vocab_size=out.logits.shape[-1], num_items_in_batch=num_items,
+        )
+        return out
 
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()
