@@ -32,6 +32,10 @@ STATE_NAME = "model.safetensors"
 EXPORT_KEY = "prompt_embeddings"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -39,6 +43,7 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; adapters are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,4 +1,4 @@
-"""`python -m softprompt.serve` end to end: a saved model and adapter, a real process, a real socket."""
+"""`python -m softprompt serve` (the CLI) end to end: a saved model and adapter, a real process, a real socket."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_serve_command_loads_model_and_adapters_and_answers(tmp_path):
     files.save_adapter(source.prompt_encoder["prefix8"], "prefix8", tmp_path / "adapters" / "prefix8")
     files.save_adapter(source.prompt_encoder["pt4"], "pt4", tmp_path / "root" / "pt4")
     port = free_port()
-    cmd = [sys.executable, "-m", "softprompt.serve", "--model", str(tmp_path / "model"), "--served-model-name", "tiny",
+    cmd = [sys.executable, "-m", "softprompt", "serve", "--model", str(tmp_path / "model"), "--served-model-name", "tiny",
            "--adapter", f"zh={tmp_path / 'adapters' / 'prefix8'}", "--adapter-root", str(tmp_path / "root"),
            "--port", str(port), "--api-key", "k", "--max-model-len", "128", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

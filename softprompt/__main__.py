@@ -1,0 +1,8 @@
+"""`python -m softprompt ...` runs the CLI (also what `torchrun -m softprompt train ...` starts)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

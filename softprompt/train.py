@@ -1,0 +1,317 @@
+"""Training on `transformers.Trainer`: softprompt adds only what Trainer lacks.
+
+    TrainConfig -> base model + tokenizer -> tokenized rows (train / validation) -> get_peft_model
+        -> SoftPromptTrainer(...).train(resume_from_checkpoint=...) -> adapter + loss.png + samples
+
+`SoftPromptTrainer` is `Trainer` with one change: a checkpoint is written under `<output_dir>/.incomplete/`
+and renamed into place once every file (adapter, optimizer, scheduler, RNG states, trainer state) is
+there, so a kill mid-save never leaves a `checkpoint-N` that loads half. The adapter-only files are
+`PeftModel.save_pretrained`'s; Trainer restores them (and the encoders) from `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".incomplete"  # where checkpoints are written before they are renamed into place
+RUN_CONFIG_NAME = "softprompt_train.yaml"  # the run's whole config, beside the adapter
+LOSS_PLOT_NAME = "loss.png"
+
+
+class SoftPromptTrainer(Trainer):
+    """`Trainer` whose checkpoints appear whole or not at all."""
+
+    _staging = False
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # what a killed run left
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)  # every rank writes its RNG state into `staged`
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        best = self.state.best_model_checkpoint
+        moved = bool(best) and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep)
+        if moved:  # Trainer looked for the best checkpoint in the staging folder; point it at the real one
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        if self.args.should_save:
+            if moved:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            _publish(staged, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)  # only when empty
+        self.accelerator.wait_for_everyone()
+
+
+def _publish(staged: str, final: str) -> None:
+    """Rename a finished checkpoint folder into place (replacing one of the same step, if any).
+
+    The files are flushed to disk first, so that after a crash of the machine, not only of the process,
+    a renamed folder still holds whole files.
+    """
+    for entry in os.scandir(staged):
+        if entry.is_file():
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+    old = None
+    if os.path.exists(final):
+        old = staged + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def missing_checkpoint_files(folder: str | Path) -> list[str]:
+    """What a checkpoint folder lacks to resume exactly (adapter, optimizer, scheduler, RNG, state)."""
+    folder = Path(folder)
+    needed = ["adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    args_file = folder / "training_args.bin"
+    save_only_model = False
+    if args_file.is_file():
+        try:
+            import torch
+
+            save_only_model = bool(getattr(torch.load(args_file, weights_only=False), "save_only_model", False))
+        except Exception:  # an unreadable args file is itself a sign of a broken folder
+            missing.append("training_args.bin (unreadable)")
+    if not save_only_model:
+        missing += [n for n in ("optimizer.pt", "scheduler.pt") if not (folder / n).is_file()]
+        if not glob.glob(str(folder / "rng_state*.pth")):
+            missing.append("rng_state.pth")
+    return missing
+
+
+def check_checkpoint(folder: str | Path) -> Path:
+    """`folder` if it is a complete checkpoint; a clear error otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+    missing = missing_checkpoint_files(folder)
+    if missing:
+        raise ValueError(
+            f"{folder} is an incomplete checkpoint (missing {', '.join(missing)}): its save was interrupted. "
+            "Resume from an earlier checkpoint, or with resume_from_checkpoint=true to take the last complete one"
+        )
+    return folder
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-numbered complete `checkpoint-N` in `output_dir` (incomplete ones are skipped, with a warning)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if path.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        missing = missing_checkpoint_files(path)
+        if not missing:
+            return path
+        logger.warning("skipping %s: incomplete checkpoint (missing %s)", path, ", ".join(missing))
+    return None
+
+
+def resolve_resume(value: Any, output_dir: str | Path) -> str | None:
+    """`resume_from_checkpoint` as given (a folder, true/"last", or nothing) -> a checked folder or None."""
+    if value in (None, False, "", "false", "False", "no"):
+        return None
+    if value is True or str(value).lower() in ("true", "last", "latest", "yes"):
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"resume_from_checkpoint={value!r}, but {output_dir} has no complete checkpoint-N")
+        return str(found)
+    return str(check_checkpoint(value))
+
+
+# -- the loss curve -------------------------------------------------------------------------------
+def plot_losses(log_history: list[dict], path: str | Path) -> Path | None:
+    """Training (and eval) loss against step, as a PNG; None when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train:  # a run shorter than logging_steps: its mean loss, at its last step
+        train = [(e["step"], e["train_loss"]) for e in log_history if "train_loss" in e and "step" in e]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), "o-" if len(train) == 1 else "-", label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes `loss.png` into the output folder when training ends (main process only)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_losses(state.log_history, Path(args.output_dir) / LOSS_PLOT_NAME)
+
+
+# -- one run --------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, float]
+    samples: list[tuple[str, str, str]]  # (prompt, reference, generated)
+
+
+def load_data(config: TrainConfig, tokenizer):
+    """Tokenized (train, validation or None), with the data report printed."""
+    from .data import ColumnMap, load_rows, split, tokenize
+
+    columns = ColumnMap(config.instruction_column, config.input_column, config.output_column)
+    rows = load_rows(config.data, columns)
+    data, report = tokenize(rows, tokenizer, max_length=config.max_length, template=config.template)
+    print(report.summary(), flush=True)
+    if not len(data):
+        raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
+    if config.eval_data:
+        eval_rows = load_rows(config.eval_data, columns)
+        val, eval_report = tokenize(eval_rows, tokenizer, max_length=config.max_length, template=config.template)
+        print(eval_report.summary(), flush=True)
+        return data, (val if len(val) else None), eval_rows
+    if config.val_size and len(data) > 1:
+        seed = int(config.training.get("data_seed") or config.training.get("seed", 42))
+        train_part, val = split(data, config.val_size, seed=seed)
+        return train_part, val, None
+    return data, None, None
+
+
+def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
+    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`."""
+    from .data import make_collator
+    from .model import get_peft_model
+    from .models import load_base
+
+    seed = int(config.training.get("seed", 42))
+    set_seed(seed)
+    model, tokenizer = load_base(config.model)
+    train_data, val_data, eval_rows = load_data(config, tokenizer)
+    args = config.training_arguments(has_eval=val_data is not None)
+    set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
+    peft_model = get_peft_model(model, config.peft_config(tokenizer), tokenizer=tokenizer)
+    if args.should_log:
+        peft_model.print_trainable_parameters()
+        if "learning_rate" not in config.training:
+            print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
+    trainer = SoftPromptTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=make_collator(tokenizer),
+        callbacks=[LossPlotCallback(), *(callbacks or [])],
+    )
+    return trainer, tokenizer, eval_rows
+
+
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, num_samples: int = 3) -> TrainResult:
+    """Train an adapter as `config` says; the adapter, loss.png and the run's config land in output_dir."""
+    trainer, tokenizer, _ = build_trainer(config, callbacks)
+    args = trainer.args
+    out = Path(args.output_dir)
+    resume = resolve_resume(config.training.get("resume_from_checkpoint"), out)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(config.to_mapping(), allow_unicode=True, sort_keys=False)
+        (out / RUN_CONFIG_NAME).write_text(text, encoding="utf-8")
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(out))
+    trainer.save_state()
+    samples: list[tuple[str, str, str]] = []
+    if args.should_save:
+        trainer.save_metrics("all", metrics)
+        if num_samples and trainer.eval_dataset is not None:
+            samples = sample_answers(trainer.model, tokenizer, trainer.eval_dataset, num_samples, config.template)
+            for prompt, reference, generated in samples:
+                print(f"--- prompt:\n{prompt}\n--- reference: {reference}\n--- generated: {generated}", flush=True)
+        print(f"adapter saved to {out} (loss curve: {out / LOSS_PLOT_NAME})", flush=True)
+    return TrainResult(out, metrics, samples)
+
+
+def sample_answers(model, tokenizer, tokenized, n: int, template: str) -> list[tuple[str, str, str]]:
+    """Greedy answers to the first `n` validation prompts (recovered from their token ids)."""
+    from .evaluate import generate_answers
+
+    rows = tokenized.select(range(min(n, len(tokenized))))
+    prompts, references = [], []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        cut = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        prompts.append(tokenizer.decode(ids[:cut], skip_special_tokens=False))
+        references.append(tokenizer.decode([t for t in labels[cut:] if t != -100], skip_special_tokens=True).strip())
+    was_training = model.training
+    model.eval()
+    try:
+        # The prompts are already templated and carry their special tokens: encode them as they are.
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=64, add_special_tokens=False)
+    finally:
+        model.train(was_training)
+    return list(zip(prompts, references, answers))
+
+
+def read_run_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The run config saved beside an adapter (or beside its checkpoint's parent); {} when none."""
+    adapter_dir = Path(adapter_dir)
+    for folder in (adapter_dir, adapter_dir.parent):
+        path = folder / RUN_CONFIG_NAME
+        if path.is_file():
+            try:
+                return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+

@@ -1,0 +1,270 @@
+"""What `softprompt train` reads: one flat mapping of keys, from a YAML file and `--key value` overrides.
+
+Keys are named as the seed scripts name them: the method's config fields (`num_virtual_tokens`,
+`prompt_tuning_init_text`, `encoder_hidden_size`, `prefix_projection`, ...), every `TrainingArguments`
+field (`learning_rate`, `per_device_train_batch_size`, `save_steps`, ...), and softprompt's own
+(`model`, `data`, `method`, `max_length`, `template`, ...). An unknown key is an error that lists the
+nearest known ones; a key of another method is an error that names its method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from .config import PromptLearningConfig
+from .p_tuning import PromptEncoderConfig
+from .prefix_tuning import PrefixTuningConfig
+from .prompt_tuning import PromptTuningConfig, PromptTuningInit
+
+METHODS: dict[str, type[PromptLearningConfig]] = {
+    "prompt_tuning": PromptTuningConfig,
+    "p_tuning": PromptEncoderConfig,
+    "prefix_tuning": PrefixTuningConfig,
+}
+
+# Learning rates that train each method well when the user gives none: the best of a sweep on the demo
+# data with SmolLM2-135M, AdamW and linear decay (docs/TRAINING.md has the numbers). Trainer's 5e-5
+# barely moves a soft prompt. Prefix tuning with the projection MLP needs a much smaller rate.
+DEFAULT_LEARNING_RATES = {"prompt_tuning": 3e-1, "p_tuning": 1e-2, "prefix_tuning": 3e-2}
+PREFIX_PROJECTION_LEARNING_RATE = 1e-3
+
+
+def default_learning_rate(method: str, peft: dict[str, Any]) -> float:
+    if method == "prefix_tuning" and peft.get("prefix_projection"):
+        return PREFIX_PROJECTION_LEARNING_RATE
+    return DEFAULT_LEARNING_RATES[method]
+DEFAULT_NUM_VIRTUAL_TOKENS = 10  # the seed's P-Tuning and prefix scripts
+
+# Config fields that softprompt sets itself (or that causal LMs fix); not user keys.
+_INTERNAL = {
+    "task_type", "inference_mode", "peft_version", "auto_mapping", "modules_to_save", "num_transformer_submodules",
+    "base_model_name_or_path", "revision", "token_dim", "num_attention_heads", "num_layers", "tokenizer_kwargs",
+}
+
+
+def method_keys(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(METHODS[method]) if f.name not in _INTERNAL]
+
+
+ALL_METHOD_KEYS = sorted({k for m in METHODS for k in method_keys(m)})
+TRAINING_KEYS = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. `peft` holds the method's keys, `training` the TrainingArguments keys."""
+
+    data: str
+    model: str = "builtin:smollm2-135m"
+    method: str = "prompt_tuning"
+    max_length: int = 256  # the seed's MAX_LENGTH
+    template: str = "alpaca"  # "alpaca" (the seed's Human/Assistant template) or "chat" (the tokenizer's)
+    eval_data: str | None = None  # a separate validation file; otherwise val_size rows of `data`
+    val_size: float | int = 0.05  # fraction or row count held out for eval loss; 0: none
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    peft: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not valid; allowed values: {', '.join(METHODS)}")
+        if self.template not in ("alpaca", "chat"):
+            raise ValueError(f"template={self.template!r} is not valid; allowed values: 'alpaca', 'chat'")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r} is not valid; it must be an integer of at least 2")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, (int, float)) or self.val_size < 0:
+            raise ValueError(f"val_size={self.val_size!r} is not valid; give a fraction in [0, 1) or a row count")
+        if not self.data:
+            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or folder")
+        own = set(method_keys(self.method))
+        for key in self.peft:
+            if key not in own:
+                owners = [m for m in METHODS if key in method_keys(m)]
+                raise ValueError(
+                    f"{key} is a {' / '.join(owners)} option, but method={self.method!r}; "
+                    f"remove it or set method to {owners[0]!r}"
+                )
+        if "output_dir" not in self.training:
+            raise ValueError("output_dir is required (TrainConfig.from_mapping sets a default)")
+
+    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Sort a flat mapping into softprompt's keys, the method's and TrainingArguments'."""
+        values = dict(values)
+        own = {f.name for f in dataclasses.fields(cls)} - {"peft", "training"}
+        method = _method_name(values.get("method", "prompt_tuning"))
+        values["method"] = method
+        unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in TRAINING_KEYS]
+        if unknown:
+            known = sorted(own) + ALL_METHOD_KEYS + TRAINING_KEYS
+            hints = []
+            for k in unknown:
+                near = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+            raise ValueError(
+                f"unknown config key{'s' if len(unknown) > 1 else ''}: {'; '.join(hints)}. Keys are softprompt's "
+                f"({', '.join(sorted(own))}), the method's ({', '.join(method_keys(method))}) and any "
+                "TrainingArguments field"
+            )
+        if not values.get("data"):
+            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or "
+                             "save_to_disk folder (in the YAML config or as --data PATH)")
+        mine = {k: _coerce(k, v, _type_of(cls, k)) for k, v in values.items() if k in own}
+        peft = {k: _coerce(k, v, _type_of(METHODS.get(method, PromptTuningConfig), k))
+                for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
+        training = {k: _coerce(k, v, _type_of(TrainingArguments, k)) for k, v in values.items() if k in TRAINING_KEYS}
+        training.setdefault("output_dir", str(Path("runs") / method))
+        return cls(peft=peft, training=training, **mine)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """A YAML file (or nothing), then overrides on top."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path} is not valid YAML: {err}") from err
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+            values.update(loaded or {})
+        values.update(overrides or {})
+        return cls.from_mapping(values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The flat mapping again (what `softprompt_train.yaml` in the output folder holds)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("peft", "training")}
+        return {**out, **self.peft, **self.training}
+
+    # -- what the run uses ------------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        return float(self.training.get("learning_rate", default_learning_rate(self.method, self.peft)))
+
+    def training_arguments(self, has_eval: bool) -> TrainingArguments:
+        """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them)."""
+        args: dict[str, Any] = {
+            "learning_rate": default_learning_rate(self.method, self.peft),
+            "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
+            "report_to": "none",
+            "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step
+        }
+        if "use_cpu" not in self.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # torchrun / accelerate launch on a CPU-only machine: Trainer runs data-parallel over gloo only
+            # with use_cpu=True; without it every process trains alone on the whole data.
+            args["use_cpu"] = True
+        args.update(self.training)
+        if has_eval and "eval_strategy" not in self.training:
+            args["eval_strategy"] = args.get("save_strategy", "steps")
+            if "eval_steps" not in self.training and "save_steps" in self.training:
+                args["eval_steps"] = self.training["save_steps"]
+        return TrainingArguments(**args)
+
+    def peft_config(self, tokenizer) -> PromptLearningConfig:
+        """The method's config; with TEXT init and no num_virtual_tokens, one virtual token per init token (the seed)."""
+        kwargs = dict(self.peft)
+        cls = METHODS[self.method]
+        if "num_virtual_tokens" not in kwargs:
+            text = kwargs.get("prompt_tuning_init_text")
+            text_init = str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value)
+            if self.method == "prompt_tuning" and text_init and text:
+                kwargs["num_virtual_tokens"] = len(tokenizer(text)["input_ids"])
+            else:
+                kwargs["num_virtual_tokens"] = DEFAULT_NUM_VIRTUAL_TOKENS
+        if self.method == "prompt_tuning" and "tokenizer_name_or_path" not in kwargs:
+            text_init = str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value)
+            if text_init:
+                kwargs["tokenizer_name_or_path"] = self.model
+        return cls(base_model_name_or_path=self.model, **kwargs)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _method_name(value: Any) -> str:
+    """`prompt_tuning`, also peft's `PROMPT_TUNING` or `prompt-tuning`."""
+    name = str(value).strip().lower().replace("-", "_")
+    if name not in METHODS:
+        near = difflib.get_close_matches(name, list(METHODS), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"method={value!r} is not valid{hint}; allowed values: {', '.join(METHODS)}")
+    return name
+
+
+def _type_of(cls: type, name: str) -> str:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.type)
+    return ""
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(name: str, value: Any, type_text: str) -> Any:
+    """`value` as the field's type where a string says a number or a truth value (YAML reads `1e-3` as a
+    string, and `--key value` overrides arrive as strings); anything else is left for the field to check."""
+    if isinstance(value, str):
+        text = value.strip()
+        if "bool" in type_text and text.lower() in ("true", "false", "yes", "no"):
+            return text.lower() in ("true", "yes")
+        if "int" in type_text and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if "float" in type_text and _FLOAT.match(text):
+            return float(text)
+        if text.lower() in ("null", "none", "~") and "None" in type_text and "str" not in type_text:
+            return None
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        numeric = any(t in type_text for t in ("int", "float"))
+        if not numeric and "str" in type_text:
+            return str(value)
+    return value
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--key value` / `--key=value` pairs, values read as YAML scalars (`true`, `3`, `[a, b]`).
+
+    A key with no value (`--prefix_projection`) means true.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"expected --key value, got {token!r}")
+        key, eq, raw = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                raw = tokens[i + 1]
+                i += 1
+            else:
+                raw = "true"
+        i += 1
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        # Keep the text as typed where YAML would turn a name into something else ("no" -> False, "1.0" -> 1.0).
+        out[key] = raw if isinstance(value, (bool, int, float)) or value is None else value
+    return out

@@ -1,0 +1,196 @@
+"""The `softprompt` CLI: train (YAML + overrides), generate, chat (piped stdin), eval, inspect."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from softprompt.cli import main
+from tiny_lm import REPO, make_tiny_lm, row_texts, toy_rows, write_rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    rows = toy_rows(32)
+    make_tiny_lm(root / "model", row_texts(rows))
+    write_rows(root / "data.jsonl", rows)
+    config = {"model": str(root / "model"), "data": str(root / "data.jsonl"), "method": "prompt_tuning",
+              "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Write this word in capital letters.",
+              "output_dir": str(root / "adapter"), "max_steps": 4, "save_steps": 2,
+              "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none"}
+    (root / "train.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    assert main(["train", str(root / "train.yaml"), "--max_steps", "6", "--logging_steps", "2",
+                 "--disable_tqdm", "true", "--val_size", "4", "--num_samples", "0"]) == 0
+    return root
+
+
+def test_train_applies_overrides_on_the_yaml(workspace):
+    saved = yaml.safe_load((workspace / "adapter" / "softprompt_train.yaml").read_text(encoding="utf-8"))
+    assert saved["max_steps"] == 6 and saved["logging_steps"] == 2 and saved["val_size"] == 4
+    assert saved["learning_rate"] == 1e-3 and saved["prompt_tuning_init"] == "TEXT"
+    state = json.loads((workspace / "adapter" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and (workspace / "adapter" / "checkpoint-6").is_dir()
+
+
+def test_train_errors_are_clear(workspace, capsys):
+    assert main(["train", str(workspace / "train.yaml"), "--num_virtual_token", "4"]) == 2
+    assert "did you mean num_virtual_tokens" in capsys.readouterr().err
+    assert main(["train", str(workspace / "train.yaml"), "--prefix_projection", "true"]) == 2
+    assert "prefix_projection is a prefix_tuning option" in capsys.readouterr().err
+    assert main(["train", str(workspace / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["train", str(workspace / "train.yaml"), "--data", str(workspace / "nope.jsonl")]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_generate_greedy_and_sampled(workspace, capsys):
+    adapter = str(workspace / "adapter")
+    args = ["generate", "--adapter", adapter, "Write this word in capital letters.", "--input", "apple",
+            "--max-new-tokens", "6"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main(args) == 0 and capsys.readouterr().out == greedy and greedy.strip()  # greedy is deterministic
+    sampled = []
+    for _ in range(2):
+        assert main(args + ["--do-sample", "--temperature", "1.5", "--seed", "3"]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1]  # seeded sampling repeats
+    assert main(["generate", "--adapter", adapter, "one", "two", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert ">>> one" in out and ">>> two" in out
+    # A checkpoint folder is an adapter too; the base model comes from its config.
+    assert main(["generate", "--adapter", str(workspace / "adapter" / "checkpoint-6"), "hi", "--max-new-tokens", "3"]) == 0
+
+
+def test_eval_reports_loss_perplexity_and_exact_match(workspace, capsys):
+    from softprompt.evaluate import generate_answers, prompt_text
+    from softprompt.model import PeftModel
+    from softprompt.models import load_base
+
+    # Rows whose outputs are the adapter's own greedy answers score 1.0; altered outputs score 0.0.
+    base, tokenizer = load_base(str(workspace / "model"))
+    model = PeftModel.from_pretrained(base, str(workspace / "adapter"))
+    rows = toy_rows(6)
+    prompts = [prompt_text(tokenizer, "alpaca", r["instruction"], r["input"]) for r in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=5)
+    write_rows(workspace / "own.jsonl", [dict(r, output=a or "x") for r, a in zip(rows, answers)])
+    assert main(["eval", "--adapter", str(workspace / "adapter"), "--data", str(workspace / "own.jsonl"),
+                 "--max-new-tokens", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact_match"] == 1.0 and result["rows"] == 6
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    write_rows(workspace / "other.jsonl", [dict(r, output=a + " nope") for r, a in zip(rows, answers)])
+    assert main(["eval", "--model", str(workspace / "model"), "--data", str(workspace / "other.jsonl"),
+                 "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "exact_match=0.000 (0/6)" in out and "perplexity=" in out and "[bad]" in out
+
+
+def test_eval_loss_matches_the_models_own_loss(workspace):
+    import torch
+
+    from softprompt.evaluate import evaluate
+    from softprompt.models import load_base
+
+    base, tokenizer = load_base(str(workspace / "model"))
+    row = toy_rows(1)
+    result = evaluate(base, tokenizer, row, exact_match=False)
+    text = "Human: " + row[0]["instruction"] + "\n" + row[0]["input"] + "\n\nAssistant: "
+    prompt = tokenizer(text)["input_ids"]
+    answer = tokenizer(row[0]["output"] + tokenizer.eos_token)["input_ids"]
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    with torch.no_grad():
+        expected = base(input_ids=ids, labels=labels).loss.item()
+    assert result.loss == pytest.approx(expected, rel=1e-5) and result.tokens == len(answer)
+
+
+def test_inspect_shows_config_size_and_nearest_tokens(workspace, capsys):
+    from softprompt import PromptTuningConfig, get_peft_model
+    from softprompt.models import load_base
+
+    base, tokenizer = load_base(str(workspace / "model"))
+    text = "capital letters"
+    config = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+                                base_model_name_or_path=str(workspace / "model"))
+    get_peft_model(base, config, tokenizer=tokenizer).save_pretrained(str(workspace / "untrained"))
+    assert main(["inspect", str(workspace / "untrained"), "--json", "--top-k", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["peft_type"] == "PROMPT_TUNING" and report["exported_shape"] == [4, 32]
+    assert report["exported_parameters"] == 128 and report["trainable_parameters"] == 128
+    assert report["files"]["adapter_model.safetensors"] > 0
+    ids = (tokenizer(text)["input_ids"] * 4)[:4]
+    # An untrained TEXT-initialised prompt is its init tokens: each one's nearest token is itself.
+    assert [near[0][0] for near in report["neighbours"]] == [tokenizer.decode([i]) for i in ids]
+    assert all(near[0][1] == pytest.approx(1.0, abs=1e-4) for near in report["neighbours"])
+    assert main(["inspect", str(workspace / "adapter")]) == 0
+    text_out = capsys.readouterr().out
+    assert "method: PROMPT_TUNING" in text_out and "nearest vocabulary tokens" in text_out and "v0:" in text_out
+
+
+def test_python_m_softprompt_chat_with_piped_stdin(workspace):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "softprompt", "chat", "--adapter", str(workspace / "adapter"), "--max-new-tokens", "4"],
+        input="Write this word in capital letters.\n\n/reset\nhello again\n/exit\nnever read\n",
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("assistant> ") for line in lines) == 2  # two turns; /exit ends before the third
+    assert "(conversation cleared)" in lines
+
+
+def test_chat_keeps_the_conversation(workspace, monkeypatch, capsys):
+    import io
+
+    import softprompt.evaluate as evaluate
+
+    seen: list[str] = []
+    real = evaluate.generate_answers
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_answers", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n/reset\nthird\n"))
+    assert main(["chat", "--adapter", str(workspace / "adapter"), "--max-new-tokens", "3"]) == 0
+    assert seen[0] == "Human: first question\n\nAssistant: "
+    assert seen[1].startswith("Human: first question\n\nAssistant: ") and seen[1].endswith("Human: second question\n\nAssistant: ")
+    assert seen[2] == "Human: third\n\nAssistant: "  # /reset forgot the earlier turns
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "chat", "eval", "inspect", "demo"):
+        assert command in out
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """The demo's whole path (data, zero-shot eval, training, reload, eval, report) on a tiny model; the real
+    demo (`make demo`, builtin:smollm2-135m) is measured in docs/TRAINING.md."""
+    from softprompt import demo
+    from softprompt.demo_data import make_demo_dataset
+
+    train_rows, eval_rows = make_demo_dataset(60, 12, seed=0)
+    make_tiny_lm(tmp_path / "model", row_texts(train_rows + eval_rows), vocab_size=500)
+    result = demo.run(model=str(tmp_path / "model"), n_train=60, n_eval=12, max_steps=3, batch_size=4,
+                      output_dir=str(tmp_path / "demo"), show=2)
+    out = capsys.readouterr().out
+    assert "before training: exact match" in out and "after training:  exact match" in out
+    assert "exact match, 12 held-out rows: before" in out and out.count("\nQ: ") == 2
+    assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "adapter" / "loss.png").is_file()
