@@ -239,6 +239,9 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     args = config.training_arguments(has_eval=val_data is not None)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, config.peft_config(tokenizer), tokenizer=tokenizer)
+    peft_model.loss_only = True  # the LM head only where a label follows: the same loss, less work
+    if "prediction_loss_only" not in config.training:
+        args.prediction_loss_only = True  # eval reports loss; gathering partial logits would only cost memory
     if args.should_log:
         peft_model.print_trainable_parameters()
         if "learning_rate" not in config.training:
