@@ -38,6 +38,12 @@ class PeftModel(PreTrainedModel):
     _no_split_modules: list[str] = []
 
     def __init__(self, model: nn.Module, peft_config: PromptLearningConfig, adapter_name: str = "default", tokenizer=None):
+        self._wrap(model)
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, peft_config, tokenizer=tokenizer)
+
+    def _wrap(self, model: nn.Module) -> None:
+        """Freeze `model` and hold it, with an empty adapter bank."""
         nn.Module.__init__(self)  # not PreTrainedModel.__init__: see the module docstring
         if isinstance(model, PeftModel):
             raise ValueError("the model already is a PeftModel; add another adapter with add_adapter()")
@@ -46,11 +52,10 @@ class PeftModel(PreTrainedModel):
         self.shape = ModelShape.from_model_config(model.config)
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PromptLearningConfig] = {}
-        self.active_adapter: str | None = adapter_name
+        self.active_adapter: str | None = None
         self._adapters_disabled = False
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config, tokenizer=tokenizer)
 
     # -- PreTrainedModel's name for the wrapped model is a property; ours is the submodule itself.
     @property
@@ -347,16 +352,7 @@ class PeftModel(PreTrainedModel):
         """
         adapter = files.load_adapter(model, model_id, adapter_name=adapter_name, config=config, **kwargs)
         wrapper = cls.__new__(cls)
-        nn.Module.__init__(wrapper)
-        wrapper.base_model = model
-        wrapper.config = model.config
-        wrapper.shape = ModelShape.from_model_config(model.config)
-        wrapper.prompt_encoder = nn.ModuleDict()
-        wrapper.peft_config = {}
-        wrapper.active_adapter = None
-        wrapper._adapters_disabled = False
-        for p in model.parameters():
-            p.requires_grad_(False)
+        wrapper._wrap(model)
         wrapper._attach(adapter_name, adapter)
         adapter.requires_grad_(is_trainable)
         if not is_trainable:
