@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _serve_fixtures import ADAPTERS, EOS, PAD, tiny_peft, tiny_tokenizer
+from conftest import make_base
 
 from softprompt.serve import ContextTooLong, Engine, SamplingParams, UnknownAdapter
 from softprompt.serve.scheduler import Scheduler
@@ -146,6 +147,16 @@ def test_requests_that_cannot_run_are_refused():
     engine.add([3] * 10, SamplingParams(max_tokens=13), "pt9")  # exactly fits
     with pytest.raises(ValueError, match="max_model_len"):
         Engine(tiny_peft("llama"), max_model_len=10_000)
+
+
+@pytest.mark.parametrize("family, limit", [("mistral", 3), ("qwen2", 256), ("llama", 256)])
+def test_context_limit_stays_inside_a_sliding_window(family, limit):
+    # The slot store keeps every key, which a sliding-window layer would not attend to: a prefix and a padded
+    # prompt block together stay inside the window (8 here).
+    engine = Engine(make_base(family), max_num_seqs=2)
+    assert engine.max_model_len == limit
+    with pytest.raises(ValueError, match="more than the model supports"):
+        Engine(make_base(family), max_model_len=limit + 1)
 
 
 @pytest.mark.parametrize(

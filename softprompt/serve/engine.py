@@ -242,9 +242,18 @@ def _context_limit(config, requested: int | None) -> int:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if window and (any("sliding" in t for t in layer_types) or getattr(config, "use_sliding_window", None)):
-        limit = min(limit or window, window)  # the slot store keeps every key: stay inside the window
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # Gemma 2/3, Qwen2 in transformers 5: the layers say
+        sliding = any("sliding" in t for t in layer_types)
+    elif getattr(config, "use_sliding_window", None) is not None:
+        sliding = bool(config.use_sliding_window)
+    else:  # Mistral: a window is set, so every layer uses it
+        sliding = True
+    if window and sliding:
+        # The slot store keeps every key, and a mixed prefill lays a prefix (up to the limit) before a padded
+        # prompt block (up to the limit): within half the window no key ever slides out, so every row
+        # attends to what it attends to alone.
+        limit = min(limit or window, max(1, (window - 1) // 2))
     if requested is None:
         return min(limit or 2048, 2048)
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
