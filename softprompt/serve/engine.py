@@ -112,6 +112,24 @@ class Engine:
             )
         return seq
 
+    def warm_up(self) -> None:
+        """With CUDA graphs: allocate the key/value store at full size now and capture the first graph, so
+        that a store too large for the GPU fails at start, with the way out, not at the first request."""
+        if self.graphs is None:
+            return
+        try:
+            self.generate([[self.pad_id]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        except torch.OutOfMemoryError as err:
+            self.fail_all("out of memory while warming up")
+            self.store = SlotStore(self.store.max_slots, self.max_model_len)
+            self.graphs = None
+            torch.cuda.empty_cache()
+            raise MemoryError(
+                f"the key/value store for {self.store.max_slots} sequences x {self.max_model_len} tokens does not fit "
+                f"on {self.device}; lower --max-num-seqs or --max-model-len, or serve with --no-cuda-graphs "
+                f"(the store then grows as needed)"
+            ) from err
+
     def has_work(self) -> bool:
         return not self._inbox.empty() or self.scheduler.has_work()
 

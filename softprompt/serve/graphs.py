@@ -1,18 +1,26 @@
 """`DecodeGraphs`: decoding steps replayed from CUDA graphs, so that a step costs one launch, not hundreds.
 
 At batch 64 a 24-layer model's decoding step is bound by Python and kernel launches, not the GPU. Here the
-base model's whole forward for one new token per row is captured once per batch size bucket (1, 2, 4,
-8, 16, 32, 48, 64, ...) and replayed: inputs go into static buffers, the step attends over the store's
-full capacity (columns past a row's length are masked), rows past the real batch are padding that write
-into free slots only. A model whose forward cannot be captured (a host sync inside) falls back to the
+base model's whole forward for one new token per row is captured once per (batch bucket, width bucket)
+and replayed: batch buckets 1, 2, 4, 8, 16, 32, 48, 64, ...; width buckets 64, 128, 256, ... up to the
+store's capacity, so that a step reads the keys of the longest running sequence rounded up, not the
+whole store. Inputs go into static buffers; columns past a row's length are masked; rows past the real
+batch are padding that write into free slots only. A model whose forward cannot be captured (a host sync inside) falls back to the
 ordinary path, once, with a warning.
+
+transformers' eager mask (BLOOM, and any model on eager attention) makes its 0 with
+`torch.tensor(0.0, device=...)`, a host-to-device copy that a capture refuses; `capturable_masks()` swaps
+in the same mask built from device ops alone, for the capture only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .kv import SlotCache, SlotStore
 
@@ -24,12 +32,45 @@ def buckets(max_batch: int) -> list[int]:
     return sorted({min(s, max_batch) for s in sizes})
 
 
+def eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
+    """transformers' eager mask (0 where attended, the dtype's minimum elsewhere) without a host copy."""
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+@contextmanager
+def capturable_masks() -> Iterator[None]:
+    """While inside, models on eager attention build their masks with `eager_mask` (this module's)."""
+    previous = ALL_MASK_ATTENTION_FUNCTIONS._local_mapping.get("eager")
+    ALL_MASK_ATTENTION_FUNCTIONS["eager"] = eager_mask
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+        else:
+            ALL_MASK_ATTENTION_FUNCTIONS["eager"] = previous
+
+
+def widths(capacity: int) -> list[int]:
+    sizes, w = [], 64
+    while w < capacity:
+        sizes.append(w)
+        w *= 2
+    return sizes + [capacity]
+
+
 class DecodeGraphs:
-    def __init__(self, base, store: SlotStore, cache_kwarg: str, position_ids: bool):
+    def __init__(self, base, store: SlotStore, cache_kwarg: str, position_ids: bool, capture: bool = True):
         self.base, self.store = base, store
+        self.capture = capture  # False: run the same padded full-capacity step eagerly (CPU tests of the logic)
         self.cache_kwarg, self.position_ids = cache_kwarg, position_ids
         self.buckets = buckets(store.max_slots)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.widths = widths(store.max_length)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.failed = False
         self._store_ptr = -1  # the store tensors the graphs were captured on
@@ -43,27 +84,28 @@ class DecodeGraphs:
         self.graphs.clear()
         self._store_ptr = self.store.keys[0].data_ptr()
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _forward(self, bucket: int, width: int) -> torch.Tensor:
         columns = self.columns[:bucket]
-        mask = (self.arange[None, :] <= columns[:, None]).long()  # (bucket, C)
+        mask = (self.arange[None, :width] <= columns[:, None]).long()  # (bucket, width)
         kwargs = {"input_ids": self.tokens[:bucket], "attention_mask": mask,
-                  self.cache_kwarg: SlotCache(self.store, bucket, columns, self.store.capacity)}
+                  self.cache_kwarg: SlotCache(self.store, bucket, columns, width)}
         if self.position_ids:
             kwargs["position_ids"] = columns[:, None]
         return self.base(**kwargs, use_cache=True).logits[:, -1]
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, bucket: int, width: int) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: the same writes the real step makes, so harmless
-            self._forward(bucket)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bucket)
-        self.graphs[bucket] = (graph, logits)
+        with capturable_masks():
+            with torch.cuda.stream(side):  # warm-up: the same writes the real step makes, so harmless
+                self._forward(bucket, width)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(bucket, width)
+        self.graphs[bucket, width] = (graph, logits)
 
     def run(self, tokens: list[int], lengths: list[int]) -> torch.Tensor | None:
         """Last-position logits `(B, vocab)` for one decoding step, or None to take the ordinary path.
@@ -76,20 +118,23 @@ class DecodeGraphs:
             self._buffers()
         B = len(tokens)
         bucket = next(b for b in self.buckets if b >= B)
+        width = next(w for w in self.widths if w > max(lengths))  # the new keys go at columns `lengths`
         host = torch.zeros(2, bucket, dtype=torch.long)
         host[0, :B] = torch.tensor(tokens)
         host[1, :B] = torch.tensor(lengths)  # padding rows: token 0 at column 0 of a free slot
         host = host.to(self.tokens.device, non_blocking=False)
         self.tokens[:bucket, 0] = host[0]
         self.columns[:bucket] = host[1]
-        if bucket not in self.graphs:
+        if not self.capture:
+            return self._forward(bucket, width)[:B]
+        if (bucket, width) not in self.graphs:
             try:
-                self._capture(bucket)
+                self._capture(bucket, width)
             except Exception as err:  # e.g. a host sync inside the model's forward
                 log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
                 self.failed = True
                 self.graphs.clear()
                 return None
-        graph, logits = self.graphs[bucket]
+        graph, logits = self.graphs[bucket, width]
         graph.replay()
         return logits[:B]

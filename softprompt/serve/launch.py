@@ -29,7 +29,7 @@ def build_server(
     max_model_len: int | None = None,
     chat_template: str = SEED_TEMPLATE,
     served_model_name: str | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
 ):
     """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet."""
     from ..models import load_base
@@ -44,6 +44,7 @@ def build_server(
     base, tokenizer = load_base(model, dtype=torch_dtype, device=device)
     engine = Engine(empty_peft_model(base), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     cuda_graphs=cuda_graphs)
+    engine.warm_up()
     name = served_model_name or model
     registry = AdapterRegistry(engine, name, adapter_root)
     for adapter_name, folder in (adapters or {}).items():
@@ -84,8 +85,10 @@ def parser(prog: str = "softprompt serve") -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit per sequence: virtual + prompt + new tokens")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decoding steps from CUDA graphs (falls back by itself where the model cannot be captured)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay decoding steps from CUDA graphs (default; the key/value store for "
+                        "--max-num-seqs x --max-model-len is then allocated at start). Falls back by itself where "
+                        "the model cannot be captured")
     return p
 
 
