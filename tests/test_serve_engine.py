@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from _serve_fixtures import ADAPTERS, EOS, PAD, tiny_peft, tiny_tokenizer
@@ -9,7 +11,7 @@ from conftest import make_base
 
 from softprompt.serve import ContextTooLong, Engine, SamplingParams, UnknownAdapter
 from softprompt.serve.scheduler import Scheduler
-from softprompt.serve.sequence import Sequence, Status
+from softprompt.serve.sequence import Detokenizer, Sequence, Status
 
 NAMES = [*ADAPTERS, None]
 
@@ -181,3 +183,16 @@ def test_scheduler_keeps_running_sequences_in_slots_0_to_n():
     for s in [Sequence([1] * 10, SamplingParams()) for _ in range(4)]:
         budget.add(s)
     assert len(budget.admit()) == 2  # 2 x 10 tokens fit the budget of 25, a third would not
+
+
+def test_streamed_text_is_the_decoding_of_the_answer_tokens():
+    # Random tokens of a byte-level BPE: many are lone bytes of multi-byte characters, in the prompt's last
+    # tokens too. Whatever the split, the pieces released step by step add up to the answer decoded whole.
+    tok = tiny_tokenizer()
+    rng = random.Random(0)
+    for _ in range(300):
+        prompt = [rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 8))]
+        answer = [rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 30))]
+        detok = Detokenizer(tok, prompt)
+        text = "".join(detok.push(t) for t in answer) + detok.flush()
+        assert text == tok.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False), (prompt, answer)

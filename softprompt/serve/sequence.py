@@ -46,6 +46,10 @@ class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], context: int = 4):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-context:])
+        # Context that ends inside a character (a partial UTF-8 byte sequence) would merge with the first
+        # new bytes, and the answer's text would then not be the decoding of its own tokens: drop it.
+        while self.ids and self._decode(self.ids).endswith("\ufffd"):
+            self.ids.pop()
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
