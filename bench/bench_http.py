@@ -1,9 +1,10 @@
 """The server end to end: 64 concurrent OpenAI clients over HTTP, 8 adapters mixed, against one adapter.
 
 `bench_serve.py` times the engine alone; this times what a user of `softprompt serve` gets: the FastAPI app
-and its engine thread behind uvicorn on 127.0.0.1, the `openai` client's `AsyncOpenAI` sending 64
-`/v1/completions` requests at once (32 prompt token ids, 64 new tokens, greedy, `ignore_eos`). Same model
-shape and 8 adapters as `bench_serve.py`. Each round runs mixed, then single; one warm-up round first.
+and its engine thread behind uvicorn on 127.0.0.1, and, in another process (as clients are), the `openai`
+client's `AsyncOpenAI` sending 64 `/v1/completions` requests at once (32 prompt token ids, 64 new tokens,
+greedy, `ignore_eos`). Same model shape and 8 adapters as `bench_serve.py`. Each round runs mixed, then
+single; one warm-up round first.
 
     python bench/bench_http.py                 # CUDA: writes $OUT/bench_http.json (or ./bench_http.json)
     python bench/bench_http.py --tiny          # a CPU smoke test
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -21,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -74,6 +77,25 @@ async def fire(client, prompts, adapters, new_tokens: int) -> tuple[float, list[
     return time.perf_counter() - start, list(texts)
 
 
+def clients(url: str, prompts, cases: dict[str, list[str]], repeats: int, new_tokens: int):
+    """In the client process: every case once per round, after a warm-up round; (seconds, first texts) per case."""
+    from openai import AsyncOpenAI
+
+    async def rounds():
+        client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        runs = {k: [] for k in cases}
+        texts = {}
+        for r in range(repeats + 1):
+            for key, adapters in cases.items():
+                seconds, answer = await fire(client, prompts, adapters, new_tokens)
+                if r:
+                    runs[key].append(seconds)
+                    texts.setdefault(key, answer)
+        return runs, texts
+
+    return asyncio.run(rounds())
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true")
@@ -82,8 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from openai import AsyncOpenAI
-
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     shape = args.shape or ("tiny" if args.tiny else "bloom-1b4-zh")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -101,25 +121,32 @@ def main(argv: list[str] | None = None) -> dict:
     engine.warm_up()
     expected = [s.output_ids for s in engine.generate(
         prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True), mixed)]
-    server, thread, url = serve_in_thread(create_app(engine, tok, model_name="base"))
-    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-    runs: dict[str, list[float]] = {"mixed": [], "single": []}
-    answers: dict[str, list[str]] = {}
+    app = create_app(engine, tok, model_name="base")
+    steps: list[tuple[float, float, int]] = []  # (start, end, rows queued or running) of each step
+    prefills_before = engine.stats["prefills"]
+    inner_step = engine.step
 
-    async def rounds():
-        for r in range(args.repeats + 1):  # round 0: warm-up
-            for key, adapters in (("mixed", mixed), ("single", single)):
-                seconds, texts = await fire(client, prompts, adapters, new_tokens)
-                if r:
-                    runs[key].append(seconds)
-                    answers.setdefault(key, texts)
+    def traced_step():
+        before = len(engine.scheduler.running) + len(engine.scheduler.waiting) + engine._inbox.qsize()
+        start = time.perf_counter()
+        inner_step()
+        steps.append((start, time.perf_counter(), before))
 
+    engine.step = traced_step
+    server, thread, url = serve_in_thread(app)
     try:
-        asyncio.run(rounds())
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs, answers = pool.submit(clients, url, prompts, {"mixed": mixed, "single": single}, args.repeats,
+                                        new_tokens).result()
     finally:
         server.should_exit = True
         thread.join(timeout=15)
     total = 64 * new_tokens
+    busy = sum(b - a for a, b, *_ in steps)
+    span = steps[-1][1] - steps[0][0] if steps else 0.0
+    trace = {"steps": len(steps), "engine_busy_s": busy, "first_to_last_step_s": span,
+             "mean_rows_per_step": statistics.mean(r for *_, r in steps) if steps else 0,
+             "prefills": engine.stats["prefills"] - prefills_before}
     results = {k: {"runs": v, "tokens_per_s": total / statistics.median(v), "best_tokens_per_s": total / min(v)}
                for k, v in runs.items()}
     same = sum(text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "shape": shape, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": engine.graphs is not None,
         "clients": 64, "prompt_tokens": 32, "new_tokens": new_tokens, "repeats": args.repeats,
-        "results": results,
+        "results": results, "engine_trace_all_rounds": trace,
         "mixed_over_single": results["mixed"]["tokens_per_s"] / results["single"]["tokens_per_s"],
         "mixed_over_peft_381": results["mixed"]["tokens_per_s"] / PEFT_TOKENS_PER_S,
         "mixed_answers_equal_to_the_engine_alone_of_64": same,

@@ -115,7 +115,7 @@ def create_app(
                     raise APIError(400, str(err)) from err
                 plans.append((ids, params))
         try:
-            return [runner.submit(ids, params, adapter) for ids, params in plans]
+            return [runner.submit(ids, params, adapter, stream=bool(req.stream)) for ids, params in plans]
         except UnknownAdapter as err:  # unloaded in between
             raise APIError(404, str(err), param="model", code="model_not_found") from err
 
