@@ -130,6 +130,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
+    # The special tokens come from the ids in the GGUF's metadata, which the config carries: transformers
+    # 5.17 gives the tokenizer the bos token as its eos and no pad (5.24 reads them right).
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     # mkdtemp makes the folder private; a shared $SOFTPROMPT_CACHE must stay readable by others.
