@@ -1,30 +1,22 @@
 """A small bilingual (English / Chinese) instruction dataset for the prompt-tuning demo.
 
-Every answer is a few tokens and checkable by exact match. The tasks are ones a 135M model half-knows
-but, asked zero-shot, answers in the wrong shape ("The answer is: Paris." instead of "Paris"); a soft
-prompt learns the shape in a few minutes on a CPU. Eval items (a country, a word, a sum) never occur
-in training in either language, so the eval measures the learned format on unseen facts.
+Every answer is one short word or number, checked by exact match. The base model (SmolLM2-135M) can
+do each task but, asked zero-shot, answers in the wrong shape ("The opposite of "win" is "lose"."
+instead of "lose", or "4 + 5 = 9" and rambling on); a soft prompt learns the shape, and to stop, in a
+few minutes on a CPU. Each question is asked in English or in Chinese; the word lists are English or
+Chinese. Eval items (a word, a sum, a list) never occur in training in either language.
+
+Rows are Alpaca {"instruction", "input", "output"}; the demo formats them as
+"Human: {instruction}\\n{input}".strip() + "\\n\\nAssistant: " followed by the output and eos.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-
-CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Portugal": "Lisbon",
-    "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw", "Hungary": "Budapest",
-    "Thailand": "Bangkok", "Kenya": "Nairobi", "Peru": "Lima", "Cuba": "Havana", "Iran": "Tehran",
-    "Iraq": "Baghdad", "England": "London", "Mexico": "Mexico City", "Argentina": "Buenos Aires",
-    "South Korea": "Seoul", "Belgium": "Brussels", "Netherlands": "Amsterdam", "Turkey": "Ankara",
-    "India": "New Delhi", "Canada": "Ottawa", "Australia": "Canberra", "Chile": "Santiago",
-    "Colombia": "Bogota", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Philippines": "Manila",
-    "Ukraine": "Kyiv",
-}
 
 ANTONYMS = {
     "hot": "cold", "big": "small", "fast": "slow", "up": "down", "open": "closed", "happy": "sad",
@@ -37,6 +29,17 @@ ANTONYMS = {
     "start": "end",
 }
 
+PLURALS = {
+    "cat": "cats", "dog": "dogs", "book": "books", "tree": "trees", "house": "houses", "bird": "birds",
+    "car": "cars", "apple": "apples", "river": "rivers", "chair": "chairs", "table": "tables",
+    "flower": "flowers", "girl": "girls", "boy": "boys", "hand": "hands", "door": "doors", "bus": "buses",
+    "box": "boxes", "glass": "glasses", "dish": "dishes", "watch": "watches", "baby": "babies",
+    "city": "cities", "story": "stories", "lady": "ladies", "leaf": "leaves", "wolf": "wolves",
+    "knife": "knives", "child": "children", "man": "men", "woman": "women", "foot": "feet",
+    "tooth": "teeth", "mouse": "mice", "goose": "geese", "person": "people", "sheep": "sheep",
+    "fish": "fish", "potato": "potatoes", "hero": "heroes",
+}
+
 WORDS = [
     "apple", "house", "river", "green", "music", "table", "water", "bread", "chair", "light",
     "happy", "stone", "cloud", "plant", "smile", "train", "horse", "paper", "dream", "night",
@@ -44,66 +47,55 @@ WORDS = [
     "cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "road", "door", "milk",
 ]
 
-_ZH_DIGITS = "零一二三四五六七八九"
+LIST_WORDS = {
+    "en": ["apple", "river", "garden", "window", "tiger", "pencil", "orange", "candle", "rabbit", "summer",
+           "guitar", "island"],
+    "zh": ["苹果", "河流", "花园", "窗户", "老虎", "铅笔", "橙子", "蜡烛", "兔子", "夏天", "吉他", "岛屿"],
+}
 
-
-def chinese_numeral(n: int) -> str:
-    """1..99 in Chinese numerals: 7 -> 七, 17 -> 十七, 70 -> 七十, 77 -> 七十七."""
-    if not 1 <= n <= 99:
-        raise ValueError(f"n={n} is not valid; chinese_numeral takes 1..99")
-    tens, ones = divmod(n, 10)
-    head = "" if tens == 0 else ("十" if tens == 1 else _ZH_DIGITS[tens] + "十")
-    return head + (_ZH_DIGITS[ones] if ones else "")
-
-
-# Each task: item keys, and per language a function item -> (instruction, input, output).
+# A task renders one of its items as (instruction, input, output) in a language. Questions are
+# phrased the way the model met them in pretraining; only the answer's shape has to be learned.
 Row = tuple[str, str, str]
 
 
-def _capital(lang: str, country: str) -> Row:
-    if lang == "en":
-        return "Capital city of this country?", country, CAPITALS[country]
-    return "这个国家的首都？", country, CAPITALS[country]
-
-
 def _antonym(lang: str, word: str) -> Row:
-    if lang == "en":
-        return "Opposite of this word?", word, ANTONYMS[word]
-    return "写出反义词。", word, ANTONYMS[word]
+    q = f'What is the opposite of "{word}"?' if lang == "en" else f"“{word}”的反义词是？"
+    return q, "", ANTONYMS[word]
+
+
+def _plural(lang: str, word: str) -> Row:
+    q = f'What is the plural of "{word}"?' if lang == "en" else f"“{word}”的复数是？"
+    return q, "", PLURALS[word]
 
 
 def _upper(lang: str, word: str) -> Row:
-    if lang == "en":
-        return "Write in capital letters.", word, word.upper()
-    return "改成大写字母。", word, word.upper()
+    q = f'Write "{word}" in capital letters.' if lang == "en" else f"把“{word}”改成大写。"
+    return q, "", word.upper()
 
 
 def _add(lang: str, pair: tuple[int, int]) -> Row:
     a, b = pair
-    if lang == "en":
-        return f"What is {a} + {b}?", "", str(a + b)
-    return f"{a} 加 {b} 等于几？", "", str(a + b)
+    return ("Add the two numbers." if lang == "en" else "计算加法。"), f"{a} + {b}", str(a + b)
 
 
-def _zh_to_digits(lang: str, n: int) -> Row:
-    if lang == "en":
-        return "Write this Chinese number in digits.", chinese_numeral(n), str(n)
-    return "写成阿拉伯数字。", chinese_numeral(n), str(n)
+def _subtract(lang: str, pair: tuple[int, int]) -> Row:
+    a, b = pair
+    q = "Subtract the second number from the first." if lang == "en" else "计算减法。"
+    return q, f"{a} - {b}", str(a - b)
 
 
-def _digits_to_zh(lang: str, n: int) -> Row:
-    if lang == "en":
-        return "Write this number in Chinese.", str(n), chinese_numeral(n)
-    return "写成中文数字。", str(n), chinese_numeral(n)
+def _last_word(lang: str, words: tuple[str, ...]) -> Row:
+    q = "What is the last word in this list?" if lang == "en" else "列表的最后一个词是？"
+    return q, ", ".join(words), words[-1]
 
 
 TASKS: dict[str, tuple[list, Callable[[str, object], Row]]] = {
-    "capital": (sorted(CAPITALS), _capital),
     "antonym": (sorted(ANTONYMS), _antonym),
+    "plural": (sorted(PLURALS), _plural),
     "upper": (WORDS, _upper),
-    "add": ([(a, b) for a in range(1, 21) for b in range(1, 21)], _add),
-    "zh_to_digits": (list(range(1, 100)), _zh_to_digits),
-    "digits_to_zh": (list(range(1, 100)), _digits_to_zh),
+    "add": ([(a, b) for a in range(1, 10) for b in range(1, 10)], _add),
+    "subtract": ([(a, b) for a in range(2, 19) for b in range(1, 10) if b < a], _subtract),
+    "last_word": ([t for words in LIST_WORDS.values() for t in itertools.permutations(words, 3)], _last_word),
 }
 LANGS = ("en", "zh")
 
@@ -113,13 +105,13 @@ def make_demo_dataset(
 ) -> tuple[list[dict], list[dict]]:
     """Alpaca rows ({"instruction", "input", "output"}) for training and for eval.
 
-    Tasks take turns, so every task is present in both splits. Eval rows depend only on
-    (n_eval, seed, tasks); no eval item appears in training, in any language.
+    Tasks take turns, so every task is in both splits. Eval rows depend only on (n_eval, seed, tasks);
+    no eval item is in training, in either language, and no eval item is asked twice.
     """
-    names = list(TASKS) if tasks is None else tasks
-    for name in names:
-        if name not in TASKS:
-            raise ValueError(f"tasks contains {name!r}; known tasks: {', '.join(TASKS)}")
+    names = list(TASKS) if tasks is None else list(tasks)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"tasks={tasks!r} is not valid; known tasks: {', '.join(TASKS)}")
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval}: both must be >= 0")
     rng = random.Random(seed)
@@ -128,10 +120,9 @@ def make_demo_dataset(
         items, render = TASKS[name]
         items = list(items)
         rng.shuffle(items)
-        n_eval_items = len(range(t, n_eval, len(names)))  # this task's share of the round robin
+        n_eval_items = len(range(t, n_eval, len(names)))  # this task's turns in the round robin
         if n_eval_items >= len(items):
             raise ValueError(f"n_eval={n_eval} leaves no training items for task {name!r}; lower n_eval")
-        # One language per eval item: eval never shows the same fact twice.
         eval_pools.append([render(rng.choice(LANGS), it) for it in items[:n_eval_items]])
         rows = [render(lang, it) for it in items[n_eval_items:] for lang in LANGS]
         rng.shuffle(rows)
@@ -143,18 +134,13 @@ def make_demo_dataset(
 
 
 def _round_robin(pools: list[list[Row]], n: int) -> list[dict]:
-    rows, depth = [], 0
-    while len(rows) < n:
-        for pool in pools:
-            if depth < len(pool) and len(rows) < n:
-                instruction, input_, output = pool[depth]
-                rows.append({"instruction": instruction, "input": input_, "output": output})
-        depth += 1
-    return rows
+    """n rows taken from the pools in turn; the caller has checked that they hold n."""
+    order = (p[d] for d in range(max(map(len, pools))) for p in pools if d < len(p))
+    return [{"instruction": i, "input": x, "output": o} for i, x, o in itertools.islice(order, n)]
 
 
 def write_demo_dataset(folder: str | Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
-    """Write `train.jsonl` and `eval.jsonl` into `folder`; return their paths."""
+    """Write `train.jsonl` and `eval.jsonl` (UTF-8, Chinese unescaped) into `folder`; return their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

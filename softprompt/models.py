@@ -52,6 +52,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 
 
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _REQUIRED_FILES)
+
+
 def cache_root() -> Path:
     """Where converted built-in models live: `$SOFTPROMPT_CACHE`, else `~/.cache/softprompt`."""
     env = os.environ.get("SOFTPROMPT_CACHE")
@@ -95,20 +99,20 @@ def builtin_model_path(name: str) -> Path:
     key = name.removeprefix(BUILTIN_PREFIX)
     _builtin(name)  # validate the name before touching the disk
     target = cache_root() / key
-    if all((target / f).is_file() for f in _REQUIRED_FILES):
+    if _complete(target):
         return target
     gguf = builtin_gguf_path(key)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
-        if target.exists() and not all((target / f).is_file() for f in _REQUIRED_FILES):
+        if target.exists() and not _complete(target):
             shutil.rmtree(target)  # an incomplete folder, e.g. from a hand copy; ours are never partial
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process renamed its copy in first; theirs is as good as ours.
-            if not all((target / f).is_file() for f in _REQUIRED_FILES):
+            if not _complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,10 +180,11 @@ def load_base(
         if isinstance(source, Path):
             raise
         known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise OSError(
             f"could not load model {name_or_path!r}: it is not a local folder, and the Hugging Face Hub "
             "could not provide it (no network, HF_HUB_OFFLINE=1, or not in the local hub cache). "
-            f"Pass a local folder, or a built-in model ({known})."
+            f"Pass a local folder, or a built-in model ({known}). Cause: {cause}"
         ) from err
 
     if tokenizer.pad_token is None:
