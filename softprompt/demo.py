@@ -5,8 +5,8 @@
         -> train a prompt-tuning adapter with softprompt's Trainer path (a few hundred steps)
         -> exact match on the same rows again, and a few answers before / after
 
-The held-out rows ask about facts (countries, words, sums) that never occur in training, so the gain
-measures the learned answer format on unseen items, not memorised answers.
+The held-out rows ask about items (words, sums, lists) that never occur in training in either language,
+so the gain measures the learned answer shape on unseen items, not memorised answers.
 """
 
 from __future__ import annotations
