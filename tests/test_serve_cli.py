@@ -55,3 +55,22 @@ def test_serve_command_loads_model_and_adapters_and_answers(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_serve_command_names_what_is_wrong_without_a_traceback(tmp_path):
+    tiny_base("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("SOFTPROMPT_DEBUG", None)
+    cases = {
+        "missing adapter folder": (["--model", str(tmp_path / "model"), "--adapter", f"zh={tmp_path / 'nowhere'}"],
+                                   "nowhere"),
+        "context over the model's": (["--model", str(tmp_path / "model"), "--max-model-len", "100000"],
+                                     "max_model_len"),
+    }
+    for name, (args, expected) in cases.items():
+        done = subprocess.run([sys.executable, "-m", "softprompt", "serve", *args, "--device", "cpu",
+                               "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 2, (name, done.stderr)
+        assert "softprompt serve: error:" in done.stderr and expected in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr, (name, done.stderr)

@@ -1,9 +1,9 @@
 """`AsyncEngine`: the engine stepping on its own thread, each request an async stream of `Delta`s.
 
 The HTTP handlers run on asyncio; the model runs on one background thread that steps whenever there
-is work. The deltas of a step cross over together, one `call_soon_threadsafe` per step and event loop
-(64 wake-ups a step, one per request, cost the engine thread a third of its speed at batch 64 on an
-H200); a client that goes away aborts its sequence, which frees its slot at the next step.
+is work. The deltas of a step cross over together, one `call_soon_threadsafe` per step and event loop,
+not one per request (the engine thread shares the interpreter with the event loop: every wake-up there
+slows the steps); a client that goes away aborts its sequence, which frees its slot at the next step.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -106,19 +107,25 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    serve(
-        args.model,
-        parse_adapters(args.adapter),
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        adapter_root=args.adapter_root,
-        dtype=args.dtype,
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        chat_template=args.chat_template,
-        served_model_name=args.served_model_name,
-        cuda_graphs=args.cuda_graphs,
-    )
+    try:
+        serve(
+            args.model,
+            parse_adapters(args.adapter),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            adapter_root=args.adapter_root,
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            chat_template=args.chat_template,
+            served_model_name=args.served_model_name,
+            cuda_graphs=args.cuda_graphs,
+        )
+    except (ValueError, TypeError, LookupError, OSError, MemoryError) as err:  # bad model, adapter or sizes
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        print(f"softprompt serve: error: {err}", file=sys.stderr)
+        return 2
     return 0
