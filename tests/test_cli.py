@@ -13,15 +13,12 @@ import pytest
 import yaml
 
 from softprompt.cli import main
-from tiny_lm import REPO, make_tiny_lm, row_texts, toy_rows, write_rows
+from tiny_lm import REPO, make_tiny_lm, make_workspace, row_texts, toy_rows, write_rows
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    rows = toy_rows(32)
-    make_tiny_lm(root / "model", row_texts(rows))
-    write_rows(root / "data.jsonl", rows)
+    root = make_workspace(tmp_path_factory.mktemp("cli"), 32)
     config = {"model": str(root / "model"), "data": str(root / "data.jsonl"), "method": "prompt_tuning",
               "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Write this word in capital letters.",
               "output_dir": str(root / "adapter"), "max_steps": 4, "save_steps": 2,

@@ -16,7 +16,7 @@ import pytest
 
 from softprompt.train import STAGING_DIR, build_trainer, train
 from softprompt.train_config import TrainConfig
-from tiny_lm import REPO, make_tiny_lm, row_texts, toy_rows, write_rows
+from tiny_lm import REPO, make_workspace
 
 METHODS = {
     "prompt_tuning": {},
@@ -28,11 +28,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    rows = toy_rows(40)
-    make_tiny_lm(root / "model", row_texts(rows))
-    write_rows(root / "data.jsonl", rows)
-    return root
+    return make_workspace(tmp_path_factory.mktemp("resume"), 40)
 
 
 def settings(root: Path, out: Path, method: str = "p_tuning", **extra) -> dict:
@@ -124,12 +120,17 @@ def _resume_with_cli(workspace: Path, out: Path) -> None:
     assert "resuming from" in proc.stdout
 
 
+def _driver(workspace: Path, out: Path) -> tuple[Path, dict]:
+    """The training driver script, and the 12-step run (checkpoints every 3) it is killed in."""
+    script = workspace / "driver.py"
+    script.write_text(DRIVER)
+    return script, settings(workspace, out, max_steps=12, save_steps=3)
+
+
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_matches_uninterrupted_run(workspace, reference):
     out = workspace / "killed"
-    script = workspace / "driver.py"
-    script.write_text(DRIVER)
-    config = settings(workspace, out, max_steps=12, save_steps=3)
+    script, config = _driver(workspace, out)
     proc = subprocess.Popen([sys.executable, str(script), "slow", *_args(config)], env=_env(), cwd=workspace,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -151,9 +152,7 @@ def test_sigkill_part_way_then_resume_matches_uninterrupted_run(workspace, refer
 @pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written_leaves_no_half_folder(workspace, reference):
     out = workspace / "killed-in-save"
-    script = workspace / "driver.py"
-    script.write_text(DRIVER)
-    config = settings(workspace, out, max_steps=12, save_steps=3)
+    script, config = _driver(workspace, out)
     proc = subprocess.run([sys.executable, str(script), "die-in-save:6", *_args(config)], env=_env(), cwd=workspace,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -19,16 +19,12 @@ from softprompt.train import (
     train,
 )
 from softprompt.train_config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
-from tiny_lm import make_tiny_lm, row_texts, toy_rows, write_rows
+from tiny_lm import make_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    rows = toy_rows(40)
-    make_tiny_lm(root / "model", row_texts(rows))
-    write_rows(root / "data.jsonl", rows)
-    return root
+    return make_workspace(tmp_path_factory.mktemp("train"), 40)
 
 
 def settings(root: Path, out: str, **extra) -> dict:

@@ -83,3 +83,11 @@ def row_texts(rows: list[dict]) -> list[str]:
     return [r["instruction"] + "\n" + r.get("input", "") + "\n" + r["output"] for r in rows] + [
         "Human: Assistant: "
     ]
+
+
+def make_workspace(root: Path, n_rows: int = 40) -> Path:
+    """`root/model` (a tiny LLaMA and its tokenizer) and `root/data.jsonl` (`toy_rows(n_rows)`)."""
+    rows = toy_rows(n_rows)
+    make_tiny_lm(root / "model", row_texts(rows))
+    write_rows(root / "data.jsonl", rows)
+    return root
