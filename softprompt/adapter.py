@@ -16,6 +16,10 @@ from .config import ModelShape, PromptLearningConfig
 class PromptAdapter(nn.Module):
     """Base of the three methods: learned parameters -> one prompt tensor (`compute`)."""
 
+    # Where the prompt enters the model: "input" (virtual-token embeddings before the text) or "prefix"
+    # (keys and values seen by every attention layer). The packer reserves room by this, without computing.
+    placement = "input"
+
     def __init__(self, config: PromptLearningConfig, shape: ModelShape):
         super().__init__()
         self.config = config

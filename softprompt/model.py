@@ -20,9 +20,11 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import files
 from .adapter import PromptAdapter
+from .backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
 from .cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
 from .config import ModelShape, PromptLearningConfig
 from .layout import Arranged, arrange
@@ -280,9 +282,16 @@ class PeftModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        packing: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ):
-        """Logits over `V + L` positions (the first `V` are the virtual tokens'), and the loss on `labels`."""
+        """Logits over `V + L` positions (the first `V` are the virtual tokens'), and the loss on `labels`.
+
+        With `packing=` (what `PackingCollator` makes), the rows are packed segments: the loss is over every
+        segment's labels, and `logits` cover only the positions that carry a loss.
+        """
+        if packing is not None:
+            return self._packed_forward(input_ids, inputs_embeds, packing, adapter_names, kwargs)
         if position_ids is not None:
             raise ValueError("softprompt computes position_ids from attention_mask; do not pass position_ids")
         if token_type_ids is not None and bool(token_type_ids.any()):
@@ -317,6 +326,46 @@ class PeftModel(PreTrainedModel):
             vocab_size=out.logits.shape[-1], num_items_in_batch=num_items,
         )
         return out
+
+    def _packed_forward(self, input_ids, inputs_embeds, packing: dict, adapter_names, kwargs: dict):
+        """One forward over packed rows (see `packing.py`); no host-device sync."""
+        if isinstance(adapter_names, str) or adapter_names is None:
+            adapter_names = [adapter_names if adapter_names is not None else self.active_adapter]
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (R, T, D)
+        dtype = inputs_embeds.dtype
+        names = list(adapter_names)
+        for n in names:
+            if n is not None:
+                self._check_adapter(n)
+        adapters = [self.prompt_encoder[n] if n is not None else None for n in names]
+        virtual = [a.input_embeddings() for a in adapters if a is not None and a.placement == "input"]
+        if virtual:  # each segment's virtual slots take rows of the adapters' prompts, stacked in `names` order
+            table = torch.cat(virtual).to(dtype)  # (sum V, D)
+            slot = packing["virtual_slot"]
+            inputs_embeds = torch.where((slot >= 0)[..., None], table[slot.clamp(min=0)], inputs_embeds)
+        cache = None
+        kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
+        if kvs:
+            kv = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
+            kv = kv[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
+            if kv.requires_grad and reentrant_checkpointing(self.base_model):
+                kv, inputs_embeds = route_prefix_grad(kv, inputs_embeds)
+            cache = build_prefix_cache(self.config, kv, frozen=True)
+        mask = packed_mask(
+            packing["segment_ids"], packing["position_ids"], packing["token_adapter"], packing["prefix_owner"],
+            packing["prefix_positions"], sliding_window(self.config),
+        )
+        hidden = packed_hidden_states(
+            self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
+        )
+        index, targets = packing["loss_index"], packing["loss_targets"]
+        logits = head_logits(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is None:
+            num_items = max(int(index.numel()), 1)
+        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / num_items
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()

@@ -58,6 +58,8 @@ class PrefixEncoder(PromptAdapter):
     Flat layout (peft's): row index `2*l` of the `layers*2` axis is layer l's keys, `2*l+1` its values.
     """
 
+    placement = "prefix"
+
     def __init__(self, config: PrefixTuningConfig, shape: ModelShape):
         super().__init__(config, shape)
         kv_dim = config.token_dim or shape.kv_dim
