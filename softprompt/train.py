@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -34,9 +35,50 @@ LOSS_PLOT_NAME = "loss.png"
 
 
 class SoftPromptTrainer(Trainer):
-    """`Trainer` whose checkpoints appear whole or not at all."""
+    """`Trainer` whose checkpoints appear whole or not at all, and that runs packed batches.
+
+    A packed batch (`PackingCollator`: `{"packs": [...], "num_items": n}`) is one optimizer step's rows as
+    one or more packed micro-batches: each is a forward and a backward of its own (memory stays that of one
+    micro-batch), with the loss of every micro-batch divided by the label tokens of the whole step. So the
+    step's loss is the token mean over all its rows, as Trainer computes it over accumulated micro-batches.
+    Evaluation runs on `eval_collator` (padded rows) when given, so eval loss means what it always meant.
+    """
 
     _staging = False
+    eval_collator = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        packs = inputs.get("packs")
+        if packs is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        num_items = torch.tensor(inputs["num_items"], device=self.args.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items).sum()  # the loss is scaled back by the world size
+        total = None
+        for i, pack in enumerate(packs):
+            last = i == len(packs) - 1
+            # gradients are reduced across processes once, after the last micro-batch
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, pack, num_items_in_batch=num_items)
+            total = loss if total is None else total + loss
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packs = inputs.get("packs")
+        if packs is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = sum(model(**pack, num_items_in_batch=inputs["num_items"]).loss for pack in packs)
+        return (loss, None) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -231,10 +273,11 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     from .data import make_collator
     from .model import get_peft_model
     from .models import load_base
+    from .train_config import base_dtype
 
     seed = int(config.training.get("seed", 42))
     set_seed(seed)
-    model, tokenizer = load_base(config.model)
+    model, tokenizer = load_base(config.model, dtype=base_dtype(config.base_dtype))
     train_data, val_data, eval_rows = load_data(config, tokenizer)
     args = config.training_arguments(has_eval=val_data is not None)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
@@ -246,15 +289,38 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         peft_model.print_trainable_parameters()
         if "learning_rate" not in config.training:
             print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
+    padded = make_collator(tokenizer)
+    collator = packing_collator(config, args, peft_model, tokenizer) if config.packing else padded
     trainer = SoftPromptTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
-        data_collator=make_collator(tokenizer),
+        data_collator=collator,
         callbacks=[LossPlotCallback(), *(callbacks or [])],
     )
+    trainer.eval_collator = padded if config.packing else None
     return trainer, tokenizer, eval_rows
+
+
+def packing_collator(config: TrainConfig, args, model, tokenizer):
+    """The collator of a packed run; `args` then takes one optimizer step's rows per batch, accumulation 1.
+
+    The rows per step (`per_device_train_batch_size x gradient_accumulation_steps`), and so the number of
+    steps, the schedule and the order of rows, stay what the user asked for.
+    """
+    from .packing import PackingCollator, PromptWidths
+
+    widths = PromptWidths.of(model)
+    rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
+    longest_prompt = max(list(widths.virtual.values()) + [0])
+    row_length = config.pack_length or config.max_length + longest_prompt
+    if args.should_log:
+        print(f"packing: {rows} rows per optimizer step in micro-batches of up to {config.pack_tokens} tokens "
+              f"(rows of {row_length}); packing=false for padded batches", flush=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PackingCollator(widths, row_length=row_length, token_budget=config.pack_tokens, pad_token_id=pad)
 
 
 def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, num_samples: int = 3) -> TrainResult:

@@ -42,7 +42,8 @@ def default_learning_rate(method: str, peft: dict[str, Any]) -> float:
     if method == "prefix_tuning" and peft.get("prefix_projection"):
         return PREFIX_PROJECTION_LEARNING_RATE
     return DEFAULT_LEARNING_RATES[method]
-DEFAULT_NUM_VIRTUAL_TOKENS = 10  # the seed's P-Tuning and prefix scripts
+DEFAULT_NUM_VIRTUAL_TOKENS = 10
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the seed's P-Tuning and prefix scripts
 
 # Config fields that softprompt sets itself (or that causal LMs fix); not user keys.
 _INTERNAL = {
@@ -73,6 +74,13 @@ class TrainConfig:
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
+    # Packing (docs/TRAINING.md): the rows of one optimizer step (batch x accumulation) run as packed
+    # micro-batches of at most pack_tokens slots; rows of at most pack_length slots (default: max_length plus
+    # the prompt). packing=false keeps Trainer's padded micro-batches.
+    packing: bool = True
+    pack_tokens: int = 16384
+    pack_length: int | None = None
+    base_dtype: str = "auto"  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +93,14 @@ class TrainConfig:
             raise ValueError(f"max_length={self.max_length!r} is not valid; it must be an integer of at least 2")
         if isinstance(self.val_size, bool) or not isinstance(self.val_size, (int, float)) or self.val_size < 0:
             raise ValueError(f"val_size={self.val_size!r} is not valid; give a fraction in [0, 1) or a row count")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"packing={self.packing!r} is not valid; give true or false")
+        for name in ("pack_tokens", "pack_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} is not valid; give a positive number of tokens")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype={self.base_dtype!r} is not valid; allowed values: {', '.join(BASE_DTYPES)}")
         if not self.data:
             raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or folder")
         own = set(method_keys(self.method))
@@ -164,6 +180,12 @@ class TrainConfig:
             "report_to": "none",
             "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step
         }
+        if _has_accelerator():
+            # Use the hardware: bf16 autocast where the GPU has it, and batches made off the training loop.
+            args["bf16"] = "fp16" not in self.training and _has_bf16()
+            if "dataloader_num_workers" not in self.training:
+                args["dataloader_num_workers"] = 2
+                args["dataloader_persistent_workers"] = True
         if "use_cpu" not in self.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # torchrun / accelerate launch on a CPU-only machine: Trainer runs data-parallel over gloo only
             # with use_cpu=True; without it every process trains alone on the whole data.
@@ -198,6 +220,21 @@ def _has_accelerator() -> bool:
 
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _has_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def base_dtype(name: str):
+    """The torch dtype to load the frozen base in: "auto" is bfloat16 on a GPU that has it, else float32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if _has_bf16() else torch.float32
+    return getattr(torch, name)
 
 
 def _method_name(value: Any) -> str:

@@ -187,3 +187,34 @@ def test_best_checkpoint_points_at_the_published_folder(workspace):
     assert best.parent == out and best.is_dir() and STAGING_DIR not in best.parts
     inner = json.loads((best / "trainer_state.json").read_text())
     assert STAGING_DIR not in Path(inner["best_model_checkpoint"]).parts
+
+
+# -- packing ---------------------------------------------------------------------------------------
+def _losses(folder: Path) -> tuple[list, list]:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return ([(e["step"], e["loss"]) for e in history if "loss" in e],
+            [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_packed_run_logs_the_losses_of_the_padded_run(workspace, method):
+    """Batch 2 x accumulation 3: one packed forward per step instead of three, the same rows, the same losses."""
+    common = dict(method=method, per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=5,
+                  save_steps=100, eval_steps=5, val_size=4, learning_rate=0.05)
+    packed = train(TrainConfig.from_mapping(settings(workspace, f"packed-{method}", **common)), num_samples=0)
+    padded = train(TrainConfig.from_mapping(settings(workspace, f"padded-{method}", packing=False, **common)),
+                   num_samples=0)
+    (train_packed, eval_packed), (train_padded, eval_padded) = _losses(packed.output_dir), _losses(padded.output_dir)
+    assert [s for s, _ in train_packed] == [1, 2, 3, 4, 5]
+    for (_, a), (_, b) in zip(train_packed + eval_packed, train_padded + eval_padded, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert train_packed[0][1] != train_packed[-1][1]  # it trained
+
+
+def test_packing_keys_are_checked():
+    with pytest.raises(ValueError, match=r"pack_tokens=0 is not valid"):
+        TrainConfig.from_mapping({"data": "d.json", "pack_tokens": 0})
+    with pytest.raises(ValueError, match=r"base_dtype='half' is not valid; allowed values: auto"):
+        TrainConfig.from_mapping({"data": "d.json", "base_dtype": "half"})
+    c = TrainConfig.from_mapping({"data": "d.json", "packing": "false", "pack_length": "300"})
+    assert c.packing is False and c.pack_length == 300
