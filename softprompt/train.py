@@ -247,20 +247,23 @@ class TrainResult:
 
 
 def load_data(config: TrainConfig, tokenizer):
-    """Tokenized (train, validation or None), with the data report printed."""
-    from .data import ColumnMap, load_rows, split, tokenize
+    """Tokenized (train, validation or None, eval rows or None), with the data report printed.
+
+    The tokenized rows are cached on disk (`token_cache.py`): a second run over the same file starts at once.
+    """
+    from .data import ColumnMap, load_rows, split
+    from .token_cache import tokenized_rows
 
     columns = ColumnMap(config.instruction_column, config.input_column, config.output_column)
-    rows = load_rows(config.data, columns)
-    data, report = tokenize(rows, tokenizer, max_length=config.max_length, template=config.template)
+    kwargs = dict(max_length=config.max_length, template=config.template, cache=config.cache_tokenized)
+    data, report = tokenized_rows(config.data, columns, tokenizer, **kwargs)
     print(report.summary(), flush=True)
     if not len(data):
         raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
     if config.eval_data:
-        eval_rows = load_rows(config.eval_data, columns)
-        val, eval_report = tokenize(eval_rows, tokenizer, max_length=config.max_length, template=config.template)
+        val, eval_report = tokenized_rows(config.eval_data, columns, tokenizer, **kwargs)
         print(eval_report.summary(), flush=True)
-        return data, (val if len(val) else None), eval_rows
+        return data, (val if len(val) else None), load_rows(config.eval_data, columns)
     if config.val_size and len(data) > 1:
         seed = int(config.training.get("data_seed") or config.training.get("seed", 42))
         train_part, val = split(data, config.val_size, seed=seed)

@@ -80,7 +80,8 @@ class TrainConfig:
     packing: bool = True
     pack_tokens: int = 16384
     pack_length: int | None = None
-    base_dtype: str = "auto"  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
+    base_dtype: str = "auto"
+    cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -93,8 +94,9 @@ class TrainConfig:
             raise ValueError(f"max_length={self.max_length!r} is not valid; it must be an integer of at least 2")
         if isinstance(self.val_size, bool) or not isinstance(self.val_size, (int, float)) or self.val_size < 0:
             raise ValueError(f"val_size={self.val_size!r} is not valid; give a fraction in [0, 1) or a row count")
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"packing={self.packing!r} is not valid; give true or false")
+        for name in ("packing", "cache_tokenized"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; give true or false")
         for name in ("pack_tokens", "pack_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
