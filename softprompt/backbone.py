@@ -123,3 +123,28 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> str | None:
+    """`torch.compile` each decoder layer of the frozen base in place (one graph serves every layer); the
+    reason when it is skipped. Shapes are dynamic (packed micro-batches vary in rows and length), and a
+    layer dynamo cannot compile runs eagerly with a warning instead of stopping the run."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if backend == "inductor":
+        if not torch.cuda.is_available():
+            return "no CUDA device (compiling pays on a GPU)"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        return f"{type(model).__name__} has no decoder layers that transformers marks (GradientCheckpointingLayer)"
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return None

@@ -292,6 +292,15 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         peft_model.print_trainable_parameters()
         if "learning_rate" not in config.training:
             print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
+    if config.compile != "false":
+        from .backbone import compile_layers
+
+        skipped = compile_layers(model)
+        if args.should_log:
+            if skipped is None:
+                print("torch.compile: the base model's layers (compile=false to train eagerly)", flush=True)
+            elif config.compile == "true":
+                print(f"torch.compile skipped: {skipped}", flush=True)
     padded = make_collator(tokenizer)
     collator = packing_collator(config, args, peft_model, tokenizer) if config.packing else padded
     trainer = SoftPromptTrainer(

@@ -81,6 +81,7 @@ class TrainConfig:
     pack_tokens: int = 16384
     pack_length: int | None = None
     base_dtype: str = "auto"
+    compile: str = "auto"  # torch.compile the base's layers: "auto" (on a GPU with triton), "true", "false"
     cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +102,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid; give a positive number of tokens")
+        if isinstance(self.compile, bool):  # YAML reads `compile: true` as a truth value
+            object.__setattr__(self, "compile", str(self.compile).lower())
+        if self.compile not in ("auto", "true", "false"):
+            raise ValueError(f"compile={self.compile!r} is not valid; allowed values: auto, true, false")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype={self.base_dtype!r} is not valid; allowed values: {', '.join(BASE_DTYPES)}")
         if not self.data:

@@ -144,3 +144,23 @@ def test_unknown_adapter_is_a_clear_error(tokenizer_dir):
     collate = PackingCollator(PromptWidths.of(model))
     with pytest.raises(ValueError, match="adapter 'nope'.*adapters: default"):
         collate([{"input_ids": [5, 6], "labels": [5, 6], "adapter_names": "nope"}])
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_compiled_layers_give_the_same_packed_loss(family, tokenizer_dir):
+    """`compile_layers` (dynamo on the CPU, no inductor) changes nothing in what a packed step computes."""
+    from softprompt.backbone import compile_layers
+
+    torch._dynamo.reset()
+    model = build_ours(make_base(family), VARIANTS["prefix_proj"], tokenizer_dir).train()
+    features = rows()
+    ref = packed_loss(model, features)
+    assert compile_layers(model.base_model, backend="eager") is None
+    torch._dynamo.config.suppress_errors = False  # a layer that fails to compile fails the test
+    torch._dynamo.utils.counters.clear()
+    for seed in (0, 1):  # two different packed shapes: dynamic shapes, no failure on the second
+        loss = packed_loss(model, rows(seed=seed))
+        if seed == 0:
+            torch.testing.assert_close(loss, ref)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()

@@ -1,0 +1,233 @@
+"""One epoch of the seed's 52k Chinese Alpaca rows on the GPU: softprompt vs peft, both through `Trainer`.
+
+The protocol of the training-speed issue: random-weight models shaped like `Langboat/bloom-1b4-zh` and like
+a Qwen2/Llama of the same size (both with the SmolLM2 tokenizer, vocabulary 49,152), the real rows of
+`alpaca_chinese_52k.jsonl.gz` under the seed's template (max_length 256), real (non-pad, non-virtual)
+tokens counted on the GPU from the batches the model was fed. softprompt runs as `softprompt train` runs it
+(`build_trainer(TrainConfig.load(yaml, overrides))` then `trainer.train()`); peft through a plain `Trainer`
+with the seed's collator. MFU counts `2*(2*P*L + 2*n_layer*L*L*hidden)` FLOPs for a row of L real tokens,
+`P = n_layer*12*hidden^2 + vocab*hidden`, over 790 TFLOP/s (the H200's measured bf16 rate).
+
+    python bench/bench_epoch.py --data .bench/alpaca_chinese_52k.jsonl.gz --tokenizer .bench/smollm2-tokenizer
+        [--runs seed,best,peft-seed,peft-best] [--shapes bloom-1b4-zh,qwen2-1b4] [--steps 60]
+
+Writes $OUT/bench_epoch.json (or ./bench_epoch.json); prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, Qwen2Config, TrainerCallback
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from softprompt.train import build_trainer  # noqa: E402
+from softprompt.train_config import TrainConfig  # noqa: E402
+
+ROWS = 52002
+PEAK = 790e12
+SHAPES = {
+    "bloom-1b4-zh": lambda: BloomConfig(vocab_size=49152, hidden_size=2048, n_layer=24, n_head=16),
+    "qwen2-1b4": lambda: Qwen2Config(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                                     num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                                     tie_word_embeddings=False),
+}
+METHODS = {  # the seed's three scripts, and the variants of the issue's table
+    "prompt_tuning": dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="下面是一段人与机器人的对话。"),
+    "p_tuning": dict(num_virtual_tokens=10, encoder_hidden_size=1024),
+    "prefix_tuning": dict(num_virtual_tokens=10, prefix_projection=True),
+}
+
+
+def flops(L: torch.Tensor, cfg) -> float:
+    """Sum over rows of L real tokens (a tensor of lengths) of 2*(2*P*L + 2*n_layer*L^2*hidden)."""
+    h, n, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    P = n * 12 * h * h + v * h
+    L = L.double()
+    return float((2 * (2 * P * L + 2 * n * L * L * h)).sum())
+
+
+class Meter(TrainerCallback):
+    """Times steps warm..end (GPU synchronised at both ends); counts the rows and real tokens fed meanwhile."""
+
+    def __init__(self, warm: int):
+        self.warm, self.on, self.t0, self.t1 = warm, False, None, None
+        self.lengths: list[torch.Tensor] = []
+
+    def hook(self, module, args, kwargs):
+        if not self.on:
+            return
+        packing = kwargs.get("packing")
+        if packing is not None:  # real tokens of each segment: text slots (not virtual, not padding)
+            seg, text = packing["segment_ids"], (packing["segment_ids"] > 0) & (packing["virtual_slot"] < 0)
+            counts = torch.zeros(seg.shape[0], seg.shape[1] + 1, device=seg.device, dtype=torch.long)
+            counts.scatter_add_(1, seg, text.long())
+            lengths = counts[:, 1:].reshape(-1)
+            self.lengths.append(lengths[lengths > 0])
+        else:
+            self.lengths.append(kwargs["attention_mask"].sum(dim=1))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warm and self.t0 is None:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.t0, self.on = time.perf_counter(), True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        self.t1, self.on = time.perf_counter(), False
+        self.steps = state.global_step - self.warm
+
+
+def measure(trainer, model, cfg, warm: int) -> dict:
+    meter = Meter(warm)
+    handle = model.register_forward_pre_hook(meter.hook, with_kwargs=True)
+    trainer.add_callback(meter)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    dt = meter.t1 - meter.t0
+    lengths = torch.cat(meter.lengths).cpu()
+    rows, tokens = len(lengths), int(lengths.sum())
+    return {"steps_timed": meter.steps, "s_per_step": round(dt / meter.steps, 4), "rows": rows,
+            "real_tok_s": round(tokens / dt), "mfu": round(flops(lengths, cfg) / dt / PEAK, 4),
+            "epoch_min": round(ROWS / (rows / dt) / 60, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def make_model_folder(shape: str, tokenizer: str, root: Path) -> Path:
+    folder = root / shape
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for f in Path(tokenizer).iterdir():
+        shutil.copy(f, folder / f.name)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def softprompt_run(yaml: str | None, method: str, model: Path, data: str, out: Path, steps: int, **keys):
+    overrides = dict(model=str(model), data=data, output_dir=str(out), max_steps=steps, save_strategy="no",
+                     val_size=0, logging_steps=1000, report_to="none", disable_tqdm=True, seed=0, **keys)
+    if yaml is None:
+        overrides.update(method=method, **METHODS[method])
+    config = TrainConfig.load(REPO / "examples" / yaml if yaml else None, overrides)
+    trainer, _, _ = build_trainer(config)
+    return trainer, trainer.model
+
+
+def peft_run(method: str, model_dir: Path, data: str, out: Path, steps: int, dtype, bs: int, ga: int, **args):
+    import peft
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from softprompt.data import ColumnMap
+    from softprompt.token_cache import tokenized_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows, _ = tokenized_rows(data, ColumnMap(), tokenizer, 256, "alpaca")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda()
+    T = peft.TaskType.CAUSAL_LM
+    keys = dict(METHODS[method])
+    if method == "prompt_tuning":
+        keys = dict(prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=keys["prompt_tuning_init_text"],
+                    num_virtual_tokens=len(tokenizer(keys["prompt_tuning_init_text"])["input_ids"]),
+                    tokenizer_name_or_path=str(model_dir))
+    cls = {"prompt_tuning": peft.PromptTuningConfig, "p_tuning": peft.PromptEncoderConfig,
+           "prefix_tuning": peft.PrefixTuningConfig}[method]
+    model = peft.get_peft_model(base, cls(task_type=T, **keys))
+    targs = TrainingArguments(output_dir=str(out), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                              max_steps=steps, save_strategy="no", logging_steps=1000, report_to="none",
+                              disable_tqdm=True, seed=0, learning_rate=1e-3, **args)
+    trainer = Trainer(model=model, args=targs, train_dataset=rows,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+    return trainer, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--runs", default="seed,best,peft-seed,peft-best")
+    ap.add_argument("--shapes", default="bloom-1b4-zh,qwen2-1b4")
+    ap.add_argument("--methods", default="prompt_tuning,p_tuning,prefix_tuning")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default="/tmp/bench-models")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out_root = Path(os.environ.get("OUT", "."))
+    work = Path("/tmp/bench-epoch")
+    results = []
+    runs = args.runs.split(",")
+    methods = args.methods.split(",")
+    plan = []
+    for shape in args.shapes.split(","):
+        if "seed" in runs and shape == "bloom-1b4-zh":  # the seed's recipe as shipped: only paths given
+            plan += [(shape, m, "softprompt", "seed", {}) for m in methods]
+        if "peft-seed" in runs and shape == "bloom-1b4-zh":
+            plan.append((shape, "prompt_tuning", "peft", "seed", {}))
+        for m in methods:
+            if "best" in runs:
+                plan.append((shape, m, "softprompt", f"bs{args.batch}", {}))
+            if "padded" in runs:
+                plan.append((shape, m, "softprompt", f"bs{args.batch}-padded", {"packing": False}))
+            if "peft-best" in runs:
+                plan.append((shape, m, "peft", f"bs{args.batch}", {}))
+    for shape, method, lib, setting, extra in plan:
+        row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}
+        trainer = model = None
+        try:
+            folder = make_model_folder(shape, args.tokenizer, Path(args.models))
+            cfg = SHAPES[shape]()
+            out = work / f"{shape}-{method}-{lib}-{setting}"
+            t = time.perf_counter()
+            if lib == "softprompt" and setting == "seed":
+                steps, warm = max(args.steps, 80), 20
+                trainer, model = softprompt_run(f"{method}.yaml", method, folder, args.data, out, steps)
+            elif lib == "softprompt":
+                steps, warm = args.steps, 10
+                bs_keys = dict(per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, **extra)
+                trainer, model = softprompt_run(None, method, folder, args.data, out, steps, **bs_keys)
+            elif setting == "seed":
+                steps, warm = 30, 5
+                trainer, model = peft_run(method, folder, args.data, out, steps, torch.float32, 1, 8)
+            else:
+                steps, warm = args.steps, 10
+                trainer, model = peft_run(method, folder, args.data, out, steps, torch.bfloat16, args.batch, 1,
+                                          bf16=True, train_sampling_strategy="group_by_length",
+                                          dataloader_num_workers=4)
+            row["setup_s"] = round(time.perf_counter() - t, 1)
+            row.update(measure(trainer, model, cfg, warm))
+        except Exception:
+            row["error"] = traceback.format_exc()[-1500:]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del trainer, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__}
+    try:
+        meta["peft"] = __import__("peft").__version__
+    except ImportError:
+        pass
+    (out_root / "bench_epoch.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
