@@ -217,6 +217,7 @@ def main() -> None:
             row["error"] = traceback.format_exc()[-1500:]
         results.append(row)
         print(json.dumps(row), flush=True)
+        (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))  # kept if cut short
         del trainer, model
         gc.collect()
         torch.cuda.empty_cache()

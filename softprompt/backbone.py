@@ -141,10 +141,10 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> str | None:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         return f"{type(model).__name__} has no decoder layers that transformers marks (GradientCheckpointingLayer)"
-    import torch._dynamo
+    from torch._dynamo import config as dynamo_config
 
-    torch._dynamo.config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    dynamo_config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
     return None

@@ -164,3 +164,12 @@ def test_compiled_layers_give_the_same_packed_loss(family, tokenizer_dir):
             torch.testing.assert_close(loss, ref)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
+
+
+def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
+    from softprompt.backbone import compile_layers
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)
+    assert compile_layers(model.base_model) == "no CUDA device (compiling pays on a GPU)"
