@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, Qwen2Config, TrainerCallback
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Config, TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,7 +42,16 @@ SHAPES = {
     "qwen2-1b4": lambda: Qwen2Config(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
                                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
                                      tie_word_embeddings=False),
+    # a CPU smoke test of this script: python bench/bench_epoch.py ... --shapes tiny --steps 2 --warm 1
+    "tiny": lambda: LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2),
 }
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 METHODS = {  # the seed's three scripts, and the variants of the table
     "prompt_tuning": dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="下面是一段人与机器人的对话。"),
     "p_tuning": dict(num_virtual_tokens=10, encoder_hidden_size=1024),
@@ -80,12 +89,13 @@ class Meter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warm and self.t0 is None:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            sync()
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
             self.t0, self.on = time.perf_counter(), True
 
     def on_train_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize()
+        sync()
         self.t1, self.on = time.perf_counter(), False
         self.steps = state.global_step - self.warm
 
@@ -103,7 +113,7 @@ def measure(trainer, model, cfg, warm: int) -> dict:
     rows, tokens = len(lengths), int(lengths.sum())
     return {"steps_timed": meter.steps, "s_per_step": round(dt / meter.steps, 4), "rows": rows,
             "real_tok_s": round(tokens / dt), "mfu": round(flops(lengths, cfg) / dt / PEAK, 4),
-            "epoch_min": round(ROWS / (rows / dt) / 60, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "epoch_min": round(ROWS / (rows / dt) / 60, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None}
 
 
 def make_model_folder(shape: str, tokenizer: str, root: Path) -> Path:
@@ -111,13 +121,14 @@ def make_model_folder(shape: str, tokenizer: str, root: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=torch.bfloat16)
+    with torch.device("cuda" if CUDA else "cpu"):
+        model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=torch.bfloat16 if CUDA else torch.float32)
     model.save_pretrained(folder)
     for f in Path(tokenizer).iterdir():
         shutil.copy(f, folder / f.name)
     del model
-    torch.cuda.empty_cache()
+    if CUDA:
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -140,7 +151,7 @@ def peft_run(method: str, model_dir: Path, data: str, out: Path, steps: int, dty
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows, _ = tokenized_rows(data, ColumnMap(), tokenizer, 256, "alpaca")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if CUDA else "cpu")
     T = peft.TaskType.CAUSAL_LM
     keys = dict(METHODS[method])
     if method == "prompt_tuning":
@@ -166,11 +177,13 @@ def main() -> None:
     ap.add_argument("--shapes", default="bloom-1b4-zh,qwen2-1b4")
     ap.add_argument("--methods", default="prompt_tuning,p_tuning,prefix_tuning")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", default="32", help="batch sizes of the best-settings runs, e.g. 32,64")
+    ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     out_root = Path(os.environ.get("OUT", "."))
+    out_root.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/bench-epoch")
     results = []
     runs = args.runs.split(",")
@@ -181,13 +194,14 @@ def main() -> None:
             plan += [(shape, m, "softprompt", "seed", {}) for m in methods]
         if "peft-seed" in runs and shape == "bloom-1b4-zh":
             plan.append((shape, "prompt_tuning", "peft", "seed", {}))
-        for m in methods:
-            if "best" in runs:
-                plan.append((shape, m, "softprompt", f"bs{args.batch}", {}))
-            if "padded" in runs:
-                plan.append((shape, m, "softprompt", f"bs{args.batch}-padded", {"packing": False}))
-            if "peft-best" in runs:
-                plan.append((shape, m, "peft", f"bs{args.batch}", {}))
+        for batch in map(int, args.batches.split(",")):
+            for m in methods:
+                if "best" in runs:
+                    plan.append((shape, m, "softprompt", f"bs{batch}", {}))
+                if "padded" in runs:
+                    plan.append((shape, m, "softprompt", f"bs{batch}-padded", {"packing": False}))
+                if "peft-best" in runs:
+                    plan.append((shape, m, "peft", f"bs{batch}", {}))
     for shape, method, lib, setting, extra in plan:
         row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}
         trainer = model = None
@@ -196,19 +210,21 @@ def main() -> None:
             cfg = SHAPES[shape]()
             out = work / f"{shape}-{method}-{lib}-{setting}"
             t = time.perf_counter()
+            batch = int(setting.split("-")[0][2:]) if setting.startswith("bs") else 1
+            warm = args.warm
             if lib == "softprompt" and setting == "seed":
-                steps, warm = max(args.steps, 80), 20
+                steps, warm = warm + 3 * args.steps, warm + 10
                 trainer, model = softprompt_run(f"{method}.yaml", method, folder, args.data, out, steps)
             elif lib == "softprompt":
-                steps, warm = args.steps, 10
-                bs_keys = dict(per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, **extra)
+                steps = warm + args.steps
+                bs_keys = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, **extra)
                 trainer, model = softprompt_run(None, method, folder, args.data, out, steps, **bs_keys)
             elif setting == "seed":
                 steps, warm = 30, 5
                 trainer, model = peft_run(method, folder, args.data, out, steps, torch.float32, 1, 8)
             else:
-                steps, warm = args.steps, 10
-                trainer, model = peft_run(method, folder, args.data, out, steps, torch.bfloat16, args.batch, 1,
+                steps, warm = 10 + args.steps, 10
+                trainer, model = peft_run(method, folder, args.data, out, steps, torch.bfloat16, batch, 1,
                                           bf16=True, train_sampling_strategy="group_by_length",
                                           dataloader_num_workers=4)
             row["setup_s"] = round(time.perf_counter() - t, 1)
@@ -220,8 +236,9 @@ def main() -> None:
         (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))  # kept if cut short
         del trainer, model
         gc.collect()
-        torch.cuda.empty_cache()
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        if CUDA:
+            torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
             "transformers": __import__("transformers").__version__}
     try:
         meta["peft"] = __import__("peft").__version__

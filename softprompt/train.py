@@ -51,16 +51,17 @@ class SoftPromptTrainer(Trainer):
         packs = inputs.get("packs")
         if packs is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        num_items = torch.tensor(inputs["num_items"], device=self.args.device)
+        num_items = inputs["num_items"]  # a Python int: dividing by it needs no copy to the device
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            num_items = self.accelerator.gather(num_items).sum()  # the loss is scaled back by the world size
+            # the loss is scaled back by the world size in compute_loss
+            num_items = self.accelerator.gather(torch.tensor(num_items, device=self.args.device)).sum()
         total = None
         for i, pack in enumerate(packs):
             last = i == len(packs) - 1
             # gradients are reduced across processes once, after the last micro-batch
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync:
-                loss = super().training_step(model, pack, num_items_in_batch=num_items)
+                loss = super().training_step(model, _to_device(pack, self.args.device), num_items_in_batch=num_items)
             total = loss if total is None else total + loss
         return total
 
@@ -110,6 +111,18 @@ class SoftPromptTrainer(Trainer):
             with contextlib.suppress(OSError):
                 os.rmdir(staging_root)  # only when empty
         self.accelerator.wait_for_everyone()
+
+
+def _to_device(data, device):
+    """Tensors (in nested dicts and lists) moved without waiting: Trainer's own `.to(device)` blocks the host
+    until the GPU has caught up, for every tensor of every step, so the next step is never queued ahead."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
+    if isinstance(data, dict):
+        return {k: _to_device(v, device) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
 
 
 def _publish(staged: str, final: str) -> None:

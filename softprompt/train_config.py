@@ -186,6 +186,9 @@ class TrainConfig:
             "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
             "report_to": "none",
             "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step
+            # Trainer's NaN filter reads the loss on the host every step, so the GPU drains before the next step
+            # is queued; a NaN then shows in the logged loss instead of being replaced by an average.
+            "logging_nan_inf_filter": False,
         }
         if _has_accelerator():
             # Use the hardware: bf16 autocast where the GPU has it, and batches made off the training loop.
