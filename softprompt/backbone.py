@@ -73,6 +73,17 @@ def is_bloom(model: nn.Module) -> bool:
     return backbone is not None and hasattr(backbone, "build_alibi_tensor") and hasattr(backbone, "h")
 
 
+def check_packable(model: nn.Module) -> None:
+    """A clear error, before training starts, for a base model that packed rows cannot run on."""
+    sliding_window(model.config)
+    implementation = getattr(model.config, "_attn_implementation", "eager")
+    if not is_bloom(model) and implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            f"packing runs with attn_implementation 'sdpa' or 'eager', and this model uses {implementation!r}; "
+            "load it with attn_implementation='sdpa', or train with packing=false"
+        )
+
+
 def packed_hidden_states(
     model: nn.Module,
     inputs_embeds: torch.Tensor,  # (R, T, D)
@@ -84,13 +95,9 @@ def packed_hidden_states(
     """The backbone's last hidden states `(R, T, D)` (after its final norm) for packed rows."""
     if is_bloom(model):
         return _bloom_hidden_states(model.transformer, inputs_embeds, mask, position_ids, prefix_positions, cache)
+    check_packable(model)
     backbone = model.base_model
     implementation = getattr(model.config, "_attn_implementation", "eager")
-    if implementation not in ("eager", "sdpa"):
-        raise ValueError(
-            f"packing runs with attn_implementation 'sdpa' or 'eager', and this model uses {implementation!r}; "
-            "load it with attn_implementation='sdpa', or train with packing=false"
-        )
     kwargs = {"inputs_embeds": inputs_embeds, "use_cache": False}
     kwargs["attention_mask"] = mask if implementation == "sdpa" else _additive(mask, inputs_embeds.dtype)
     if accepts(backbone, "position_ids"):

@@ -94,10 +94,14 @@ def multitask_trainer(
     tokenizer: PreTrainedTokenizerBase,
     eval_dataset: datasets.Dataset | None = None,
     trainer_class: type[Trainer] | None = None,
+    packing: bool = False,
     **trainer_kwargs: Any,
 ) -> Trainer:
     """A Trainer over mixed-task batches; `trainer.train()` trains every task's adapter at once, and
-    `trainer.save_model(dir)` writes each adapter to `dir/<task>/` (peft's layout)."""
+    `trainer.save_model(dir)` writes each adapter to `dir/<task>/` (peft's layout).
+
+    `packing=True`: each batch's rows, whatever their tasks, are packed end to end (`packing.py`), each with
+    its own task's prompt; the losses are those of the padded batches (evaluation stays padded)."""
     from .data import make_collator
     from .train import SoftPromptTrainer
 
@@ -111,7 +115,22 @@ def multitask_trainer(
         if missing:
             raise ValueError(f"{name} has tasks without an adapter: {missing}; adapters: {sorted(adapters)}")
     collator = MultiTaskCollator(make_collator(tokenizer), adapters)
-    return (trainer_class or SoftPromptTrainer)(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
+    train_collator = collator
+    if packing:
+        from .backbone import check_packable
+        from .packing import PackingCollator, PromptWidths
+
+        check_packable(model.base_model)
+        widths = PromptWidths.of(model)
+        longest = max(map(len, train_dataset["input_ids"])) + max(widths.virtual.values())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        train_collator = PackingCollator(widths, row_length=longest, pad_token_id=pad)
+    trainer = (trainer_class or SoftPromptTrainer)(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=train_collator,
         **trainer_kwargs,
     )
+    if packing:
+        if not isinstance(trainer, SoftPromptTrainer):
+            raise TypeError("packing=True needs a SoftPromptTrainer (subclass), which runs packed batches")
+        trainer.eval_collator = collator
+    return trainer

@@ -334,8 +334,10 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     The rows per step (`per_device_train_batch_size x gradient_accumulation_steps`), and so the number of
     steps, the schedule and the order of rows, stay what the user asked for.
     """
+    from .backbone import check_packable
     from .packing import PackingCollator, PromptWidths
 
+    check_packable(model.base_model)
     widths = PromptWidths.of(model)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1

@@ -118,3 +118,20 @@ def test_bad_task_data_is_refused(setup):
         collator([{**data[0], TASK_FIELD: "other"}])
     with pytest.raises(ValueError, match="configs is empty"):
         multitask_model(tiny_base("llama"), {})
+
+
+def test_packed_mixed_task_run_logs_the_padded_runs_losses(tmp_path):
+    """Rows of several tasks (prompt tuning, P-tuning, prefix tuning adapters) share packed rows."""
+    tokenizer = tiny_tokenizer()
+    data = tokenize_tasks(rows(), tokenizer, max_length=64)
+    logs = {}
+    for packing in (True, False):
+        model = multitask_model(tiny_base("llama"), CONFIGS)
+        args = TrainingArguments(output_dir=str(tmp_path / str(packing)), per_device_train_batch_size=6, max_steps=4,
+                                 learning_rate=0.3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                                 disable_tqdm=True, seed=0)
+        trainer = multitask_trainer(model, data, args, tokenizer, packing=packing)
+        trainer.train()
+        logs[packing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(logs[True]) == 4
+    assert logs[True] == pytest.approx(logs[False], rel=1e-5)

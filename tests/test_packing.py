@@ -173,3 +173,19 @@ def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
         pytest.skip("this machine has a GPU")
     model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)
     assert compile_layers(model.base_model) == "no CUDA device (compiling pays on a GPU)"
+
+
+def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
+    import transformers
+
+    from softprompt.backbone import check_packable
+
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    gemma2 = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="mixes sliding-window and full attention layers; train it with packing=false"):
+        check_packable(gemma2)
+    llama = make_base("llama")
+    llama.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'.*packing=false"):
+        check_packable(llama)
