@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -13,6 +14,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from _serve_fixtures import running_server, tiny_peft, tiny_tokenizer
 
 from softprompt.serve import Engine, SamplingParams
@@ -294,3 +297,67 @@ def test_requests_that_arrive_together_still_answer_after_abandoned_ones(server)
     r = post(url, "/v1/completions", {"model": "pt4", "prompt": "x", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
+
+
+# -- any JSON body: a 2xx or an OpenAI-style 4xx, never a 5xx ----------------------------------------
+TEXT = st.text(max_size=12) | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2)
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
+WORDS = st.text(min_size=1, max_size=12)
+IDS = st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=6)
+# Right-typed values: bodies built from them run, and exercise the engine (n, stop strings, seeds, streams).
+VALID = {
+    "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 500), "n": st.integers(1, 3), "stream": st.booleans(), "ignore_eos": st.booleans(),
+    "stop": WORDS | st.lists(WORDS, max_size=3), "seed": st.integers(-(2**63), 2**64 - 4), "user": WORDS,
+}
+# The edges: values of the right type that once passed validation and then broke a step, or are refused.
+EDGES = {
+    "prompt": st.sampled_from([[VOCAB], [49152], [10**9], [-1], [2**63], "\ud800", ["ok", "a\udfffb"], [[5], [-1]]]),
+    "max_tokens": st.sampled_from([0, 2**64]), "temperature": st.sampled_from([1e-300, 1e-45, float("nan"), float("inf")]),
+    "top_k": st.sampled_from([10**20]), "n": st.sampled_from([16]), "stop": st.sampled_from(["", [""], "\ud800"]),
+    "seed": st.sampled_from([2**64, -(2**63) - 1]), "user": st.sampled_from(["\udc00"]),
+    "messages": st.sampled_from([[{"role": "user", "content": "\ud800"}], [{"role": "user", "content": ""}]]),
+}
+MODEL = st.sampled_from(["pt4", "prefix8", "ptune6", BASE, "nope"])
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
+                                 "content": WORDS | st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                                                     "text": WORDS}), max_size=2)})
+
+
+def bodies(required: dict, optional: dict) -> st.SearchStrategy:
+    """Right-typed bodies; the same with edge values mixed in; the same with any value swapped for any JSON."""
+    valid = {**required, **optional}
+    edged = {k: v | EDGES[k] if k in EDGES else v for k, v in valid.items()}
+    hostile = {k: v | JSON for k, v in edged.items()}
+    return st.one_of(*(st.fixed_dictionaries({k: values[k] for k in required}, optional={k: values[k] for k in optional})
+                       for values in (valid, edged, hostile)))
+
+
+COMPLETION = bodies({"model": MODEL, "prompt": WORDS | IDS | st.lists(WORDS, min_size=1, max_size=3)},
+                    {**VALID, "echo": st.booleans()})
+CHAT = bodies({"model": MODEL, "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
+              {**VALID, "max_completion_tokens": st.integers(1, 8)})
+
+
+# FUZZ_EXAMPLES=5000 searches longer, with fresh random inputs; by default the same 150 every run.
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None,
+          suppress_health_check=list(HealthCheck), derandomize=not os.environ.get("FUZZ_EXAMPLES"))
+@given(request=st.one_of(st.tuples(st.just("/v1/completions"), COMPLETION | JSON),
+                         st.tuples(st.just("/v1/chat/completions"), CHAT | JSON),
+                         st.tuples(st.just("/v1/adapters"), bodies({"name": TEXT, "path": TEXT}, {}) | JSON)))
+def test_any_json_body_gets_2xx_or_an_openai_4xx(server, request):
+    url, _ = server
+    path, body = request
+    response = post(url, path, json.dumps(body))  # NaN and Infinity included, as Python's json writes them
+    assert response.status_code < 500, (body, response.text)
+    event(f"{path} {response.status_code}")
+    if response.status_code >= 400:
+        assert_error(response, response.status_code)
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        for payload in map(json.loads, events[:-1]):
+            assert payload.get("error", {}).get("type") != "server_error", (body, payload)
+    else:
+        assert response.json()["choices"] or path == "/v1/adapters", body
