@@ -210,12 +210,14 @@ def load_data(config: TrainConfig, tokenizer):
     rows = load_rows(config.data, columns)
     data, report = tokenize(rows, tokenizer, max_length=config.max_length, template=config.template)
     print(report.summary(), flush=True)
+    report.check_skipped(config.max_skipped_fraction)  # DataError (exit code 2) when too many rows are bad
     if not len(data):
         raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
     if config.eval_data:
         eval_rows = load_rows(config.eval_data, columns)
         val, eval_report = tokenize(eval_rows, tokenizer, max_length=config.max_length, template=config.template)
         print(eval_report.summary(), flush=True)
+        eval_report.check_skipped(config.max_skipped_fraction)
         return data, (val if len(val) else None), eval_rows
     if config.val_size and len(data) > 1:
         seed = int(config.training.get("data_seed") or config.training.get("seed", 42))
