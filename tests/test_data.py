@@ -153,6 +153,9 @@ def test_csv_keeps_na_and_numbers_as_text(tmp_path):
 
 # ---- file problems: DataError naming the file -------------------------------------------------------
 
+NESTED = "[" * 50_000 + "]" * 50_000
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("empty.json", "", "the file is empty"),
     ("blank.jsonl", "\n  \n", "the file is empty"),
@@ -165,6 +168,15 @@ def test_csv_keeps_na_and_numbers_as_text(tmp_path):
      "invalid JSON at line 3"),
     ("list.jsonl", '{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2 is a list, not an object"),
     ("rows.txt", "instruction\n", "unknown file type"),
+    # issue #9: nesting past what the reader handles, and a key or column given twice
+    ("deep.json", '[{"instruction": "a", "output": ' + NESTED + "}]", "the file nests JSON arrays or objects deeper"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ' + NESTED + "}\n",
+     "line 2 nests JSON arrays or objects deeper"),
+    ("twice.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "output": "c"}\n',
+     "line 2 gives the key 'output' twice"),
+    ("twice.json", '[{"instruction": "a", "output": "b"}, {"output": "b", "instruction": "a", "instruction": "c"}]',
+     r"row 2 \(1-based\) gives the key 'instruction' twice"),
+    ("twice.csv", "instruction,output,output\na,b,c\n", "the column 'output' appears twice"),
 ])
 def test_file_problems_name_the_file(tmp_path, name, content, message):
     path = tmp_path / name
@@ -430,27 +442,6 @@ def test_too_many_skipped_rows_stop_with_a_clear_message(tmp_path, tok):
     report.check_skipped(0.5)  # exactly the limit: allowed
     with pytest.raises(ValueError, match="max_skipped_fraction=1.5 is not valid"):
         report.check_skipped(1.5)
-
-
-NESTED = "[" * 50_000 + "]" * 50_000
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("deep.json", '[{"instruction": "a", "output": ' + NESTED + "}]", "the file nests JSON arrays or objects deeper"),
-    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ' + NESTED + "}\n",
-     "line 2 nests JSON arrays or objects deeper"),
-    ("twice.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "output": "c"}\n',
-     "line 2 gives the key 'output' twice"),
-    ("twice.json", '[{"instruction": "a", "output": "b"}, {"output": "b", "instruction": "a", "instruction": "c"}]',
-     r"row 2 \(1-based\) gives the key 'instruction' twice"),
-    ("twice.csv", "instruction,output,output\na,b,c\n", "the column 'output' appears twice"),
-])
-def test_deep_nesting_and_repeated_keys_name_the_place(tmp_path, name, content, message):
-    path = tmp_path / name
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=message) as error:
-        load_rows(path)
-    assert str(path) in str(error.value)
 
 
 def test_repeated_parquet_column_is_refused(tmp_path):
