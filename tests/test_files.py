@@ -281,6 +281,21 @@ def test_a_huge_config_is_refused_before_any_tensor_is_allocated(tmp_path, monke
     assert built_on == ["meta"]
 
 
+@pytest.mark.parametrize("writer", ["softprompt", "peft"])
+def test_a_config_of_20_virtual_tokens_over_weights_of_10_is_refused(tmp_path, writer):
+    base = make_base("qwen2")
+    if writer == "softprompt":
+        softprompt.get_peft_model(base, softprompt.PromptTuningConfig(num_virtual_tokens=10)).save_pretrained(str(tmp_path))
+    else:
+        peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+                            ).save_pretrained(str(tmp_path))
+    _edit_config(tmp_path, num_virtual_tokens=20)
+    message = {"softprompt": r"says 20 virtual tokens, but .*model\.safetensors holds 10; the files disagree",
+               "peft": r"adapter_model\.safetensors: prompt_embeddings has shape \(10, 32\), but .*\(20, 32\)"}[writer]
+    with pytest.raises(ValueError, match=message):
+        softprompt.PeftModel.from_pretrained(base, str(tmp_path))
+
+
 @pytest.mark.parametrize("file", ["model.safetensors", "adapter_model.safetensors"])
 def test_weights_that_are_not_finite_are_refused(tmp_path, file):
     base, folder = _saved(tmp_path, "prompt_random")

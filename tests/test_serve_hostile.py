@@ -119,6 +119,29 @@ def test_hostile_requests_beside_an_innocent_stream(server):
     assert "".join(parts) == alone
 
 
+def test_a_request_that_fails_inside_a_step_gets_400_and_the_stream_beside_it_goes_on(server):
+    """With the token-id check off, [400] reaches the prefill and raises there: only that request fails."""
+    url, engine = server
+    innocent = {"model": "ptune6", "prompt": "Human: hi\n\nAssistant: ", "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True}
+    alone = post(url, "/v1/completions", innocent).json()["choices"][0]["text"]
+    checked, engine.vocab_size = engine.vocab_size, 10**30
+    engine.delay = 0.01
+    try:
+        with HTTP.stream("POST", url + "/v1/completions", headers=AUTH, json={**innocent, "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(lines)  # decoding now
+            hostile = post(url, "/v1/completions", {"model": "pt4", "prompt": [VOCAB], "max_tokens": 4})
+            assert engine.scheduler.running  # the hostile request failed while the stream was still decoding
+            rest = [line for line in lines if line and line != "data: [DONE]"]
+    finally:
+        engine.vocab_size, engine.delay = checked, 0.0
+    error = assert_error(hostile, 400, "invalid_request")
+    assert "could not be run: IndexError" in error["message"]
+    events = [json.loads(line[6:]) for line in [first, *rest]]
+    assert "".join(e["choices"][0]["text"] for e in events) == alone
+
+
 def test_edge_checks_name_the_bad_value():
     engine = Engine(tiny_peft("llama"), max_model_len=64)
     for ids in ([VOCAB], [10**9], [-1], [2**63], [True]):
