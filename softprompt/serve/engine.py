@@ -139,6 +139,8 @@ class Engine:
             seq = self.generate([[self.pad_id]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
             if seq.finish_reason == "error":  # its prefill ran out of memory (a prefill failure ends the sequence)
                 raise torch.OutOfMemoryError(seq.error)
+            if seq.finish_reason == "invalid":
+                raise RuntimeError(f"the engine cannot run a one-token request: {seq.error}")
         except torch.OutOfMemoryError as err:
             self.fail_all("out of memory while warming up")
             self.store = SlotStore(self.store.max_slots, self.max_model_len)
@@ -214,8 +216,6 @@ class Engine:
                 self._prefill_isolated(seqs[half:])
                 return
             seq = seqs[0]
-            if seq.finished:  # it ended inside _prefill (its own sampling failed): nothing more to do
-                return
             log.warning("request %s failed alone: %s: %s", seq.seq_id, type(err).__name__, err)
             server_side = isinstance(err, (MemoryError, torch.OutOfMemoryError))
             reason = "error" if server_side else "invalid"
