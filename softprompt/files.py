@@ -183,20 +183,24 @@ def _config_in_state(saved: PromptLearningConfig, meta: dict[str, str], folder: 
     path = folder / STATE_NAME
     if "softprompt_config" not in meta:
         return saved
+
+    def invalid(err: Exception) -> ValueError:
+        return ValueError(f"{path}: its metadata 'softprompt_config' is not a valid adapter config ({err}); delete "
+                          f"{STATE_NAME} to load the exported prompt, or save the adapter again")
+
     try:
         data = json.loads(meta["softprompt_config"])
-        if not isinstance(data, dict):
-            raise ValueError(f"a {type(data).__name__}, not an object")
-        peft_type = data.get("peft_type")
-        if peft_type != saved.peft_type:
-            raise ValueError(f"{folder / CONFIG_NAME} says peft_type {saved.peft_type!r}, but {path} was saved by a "
-                             f"{peft_type!r} adapter; the files disagree: save the adapter again")
+    except ValueError as err:
+        raise invalid(err) from err
+    if not isinstance(data, dict):
+        raise invalid(TypeError(f"a {type(data).__name__}, not an object"))
+    if data.get("peft_type") != saved.peft_type:
+        raise ValueError(f"{folder / CONFIG_NAME} says peft_type {saved.peft_type!r}, but {path} was saved by a "
+                         f"{data.get('peft_type')!r} adapter; the files disagree: save the adapter again")
+    try:
         config = type(saved).from_dict(data)
-    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
-        if "the files disagree" in str(err):
-            raise
-        raise ValueError(f"{path}: its metadata 'softprompt_config' is not a valid adapter config ({err}); delete "
-                         f"{STATE_NAME} to load the exported prompt, or save the adapter again") from err
+    except (ValueError, TypeError) as err:
+        raise invalid(err) from err
     if config.num_virtual_tokens != saved.num_virtual_tokens:
         raise ValueError(f"{folder / CONFIG_NAME} says {saved.num_virtual_tokens} virtual tokens, but {path} holds "
                          f"{config.num_virtual_tokens}; the files disagree: save the adapter again")
