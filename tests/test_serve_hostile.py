@@ -364,7 +364,7 @@ CHAT = bodies({"model": MODEL, "messages": st.lists(MESSAGE, min_size=1, max_siz
 
 
 # FUZZ_EXAMPLES=5000 searches longer, with fresh random inputs; by default the same 150 every run.
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None,
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, database=None,
           suppress_health_check=list(HealthCheck), derandomize=not os.environ.get("FUZZ_EXAMPLES"))
 @given(request=st.one_of(st.tuples(st.just("/v1/completions"), COMPLETION | JSON),
                          st.tuples(st.just("/v1/chat/completions"), CHAT | JSON),
