@@ -9,6 +9,10 @@
 Row numbers in messages are 1-based, in file order (blank JSON lines are not rows). Tokenize before
 shuffling or splitting, so that they still point into the file.
 
+Every format is read the same way: values as the file has them (a JSON string "42" stays a string, whatever
+else its column holds), a UTF-8 byte order mark at the start is dropped, a key or column given twice is an
+error (readers disagree on which one wins), and JSON nested too deep to read is an error naming the file.
+
 Length-grouped batching works with these columns as they are: `TrainingArguments(
 train_sampling_strategy="group_by_length")` measures `len(row["input_ids"])` (the tokenizer's first
 model input) when the dataset has no `length` column.
@@ -21,6 +25,7 @@ import gzip
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +84,16 @@ class DataReport:
     def num_skipped(self) -> int:
         return self.rows - self.kept
 
+    def check_skipped(self, max_fraction: float) -> None:
+        """DataError when more than `max_fraction` of the rows were skipped: a file whose rows are mostly bad
+        (a wrong column, max_length too small) must not train "successfully" on what is left."""
+        if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 <= max_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction={max_fraction!r} is not valid; give a fraction in [0, 1]")
+        if self.rows and self.num_skipped / self.rows > max_fraction:
+            raise DataError(f"{self.summary()} That is {self.num_skipped / self.rows:.1%} of the rows, more than "
+                            f"max_skipped_fraction={max_fraction:g}: fix those rows (or max_length), or raise "
+                            "max_skipped_fraction to train on the rest")
+
     def summary(self) -> str:
         text = (f"{self.source}: kept {self.kept} of {self.rows} rows"
                 f" ({self.truncated} cut to max_length={self.max_length})")
@@ -109,7 +124,7 @@ def load_rows(path: str | Path, columns: ColumnMap | None = None) -> datasets.Da
     if path.is_dir():
         table = _read_saved(path)
     elif path.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        table = _read_json(path, columns.input)
+        table = _read_json(path, columns)
     elif path.name.endswith(".csv"):
         table = _read_csv(path)
     elif path.name.endswith(".parquet"):
@@ -137,10 +152,23 @@ def _read_saved(path: Path) -> datasets.Dataset:
     return saved
 
 
-def _read_json(path: Path, input_name: str) -> datasets.Dataset:
+class _Object(dict):
+    """A JSON object as read, with the keys it gave more than once."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        self.repeated = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+
+
+def _too_deep(path: Path, place: str) -> DataError:
+    return DataError(f"{path}: {place} nests JSON arrays or objects deeper than can be read (Python's recursion "
+                     "limit); Alpaca fields are strings: flatten or remove that value")
+
+
+def _read_json(path: Path, columns: ColumnMap) -> datasets.Dataset:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # "-sig": a byte order mark at the start is dropped
             text = f.read()
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"{path}: cannot be read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {e}") from e
@@ -148,30 +176,55 @@ def _read_json(path: Path, input_name: str) -> datasets.Dataset:
         raise DataError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):  # one JSON array
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=_Object)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        except RecursionError:
+            raise _too_deep(path, "the file") from None
         places = [f"row {number} (1-based)" for number in range(1, len(records) + 1)]
     else:  # JSON lines; split on "\n" only, since JSON strings may hold a raw U+2028
         records, places = [], []
         for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(line, object_pairs_hook=_Object))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
                                     "fix or remove that line") from e
+                except RecursionError:
+                    raise _too_deep(path, f"line {number}") from None
                 places.append(f"line {number}")
     for place, record in zip(places, records):
         if not isinstance(record, dict):
             raise DataError(f"{path}: {place} is a {type(record).__name__}, not an object with "
                             f"{', '.join(FIELDS)}")
+        if record.repeated:
+            raise DataError(f"{path}: {place} gives the key {record.repeated[0]!r} twice (JSON readers differ on "
+                            "which value wins); keep one")
     names = list(dict.fromkeys(key for record in records for key in record))
-    table = {name: [record.get(name) for record in records] for name in names}
-    if input_name in table:  # a row without an input, or with a null one, has none: ""
-        table[input_name] = ["" if value is None else value for value in table[input_name]]
-    # Json() keeps a column that mixes strings with numbers or lists, so tokenize can name the bad rows.
-    return datasets.Dataset.from_dict(table, on_mixed_types="use_json")
+    wanted = {columns.instruction, columns.input, columns.output}
+    arrays, features = {}, {}
+    for name in names:
+        if name not in wanted:  # other columns are dropped: never converted, however they are nested
+            arrays[name], features[name] = pa.nulls(len(records), pa.string()), datasets.Value("string")
+            continue
+        values = [record.get(name) for record in records]
+        if name == columns.input:  # a row without an input, or with a null one, has none: ""
+            values = ["" if value is None else value for value in values]
+        try:
+            arrays[name], features[name] = _json_column(values)
+        except RecursionError:
+            raise _too_deep(path, f"column {name!r}") from None
+    return datasets.Dataset(pa.table(arrays), info=datasets.DatasetInfo(features=datasets.Features(features)))
+
+
+def _json_column(values: list) -> tuple[pa.Array, Any]:
+    """A column of strings as it is; any other column as JSON text per value (datasets' Json feature): a
+    string stays a string ("42" is not 42), and tokenize names each row whose value is not a string."""
+    if all(value is None or isinstance(value, str) for value in values):
+        return pa.array(values, pa.string()), datasets.Value("string")
+    encoded = [None if value is None else json.dumps(value, ensure_ascii=False) for value in values]
+    return pa.ExtensionArray.from_storage(datasets.Json().pa_type, pa.array(encoded, pa.string())), datasets.Json()
 
 
 def _read_csv(path: Path) -> datasets.Dataset:
@@ -179,18 +232,30 @@ def _read_csv(path: Path) -> datasets.Dataset:
 
     try:
         # Every cell as text, and "NA" or "null" as the words they are; an empty cell reads as "".
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        text = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig"}
+        header = pd.read_csv(path, header=None, nrows=1, **text).iloc[0].tolist()  # as written: pandas renames repeats
+        frame = pd.read_csv(path, **text)
     except pd.errors.EmptyDataError as e:
         raise DataError(f"{path}: the file is empty") from e
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not a valid CSV file: {e}") from e
+    _refuse_repeated(path, header)
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _refuse_repeated(path: Path, names: list[str]) -> None:
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DataError(f"{path}: the column {repeated[0]!r} appears twice (readers differ on which one wins); "
+                        "rename or remove one")
 
 
 def _read_parquet(path: Path) -> datasets.Dataset:
     import pyarrow.parquet as pq
 
     try:
+        names = pq.read_schema(path).names
+        _refuse_repeated(path, names)  # before reading: pyarrow's own message for it names no column plainly
         return datasets.Dataset(pq.read_table(path))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a valid Parquet file: {e}") from e

@@ -9,17 +9,23 @@ A folder holds:
 
 Every file is written to a temporary name and renamed into place, config last: a folder that has
 `adapter_config.json` has the tensors it describes.
+
+Loading reads JSON and safetensors only: nothing is ever unpickled (a peft `adapter_model.bin` is refused,
+with the command that converts it). Before any tensor is allocated, the config is checked against the base
+model and the files' headers against the config; then weights that are not finite are refused. Every
+error names the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapter import PromptAdapter, config_class_for
@@ -122,32 +128,98 @@ def read_config(folder: Path) -> PromptLearningConfig:
         raise ValueError(f"{path}: {err}") from err
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file's tensor shapes and metadata, without reading (or allocating) any tensor."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); the adapter is corrupt") from err
 
 
-def _read_prompt_embeddings(folder: Path) -> torch.Tensor:
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); the adapter is corrupt") from err
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: {key} holds values that are not finite (NaN or inf); the adapter is broken: "
+                             "train it again or take an earlier checkpoint")
+    return tensors
+
+
+def _refuse_pickle(folder: Path) -> None:
+    raise ValueError(
+        f"{folder / LEGACY_WEIGHTS_NAME} is a pickle, and softprompt never unpickles files (loading one can run "
+        f"code); convert it where you trust it: python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{LEGACY_WEIGHTS_NAME}', weights_only=True), '{WEIGHTS_NAME}')\" in that folder"
+    )
+
+
+def _read_prompt_embeddings(folder: Path, expected: tuple[int, ...], shape: ModelShape) -> torch.Tensor:
+    """peft's exported prompt, its shape checked against `expected` before it is read."""
     path = folder / WEIGHTS_NAME
-    if path.is_file():
-        tensors, _ = _load_tensors(path)
-    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
-        path = folder / LEGACY_WEIGHTS_NAME
-        try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path} could not be read ({err}); the adapter is corrupt") from err
-    else:
+    if not path.is_file():
+        if (folder / LEGACY_WEIGHTS_NAME).is_file():
+            _refuse_pickle(folder)
         raise FileNotFoundError(f"{path} is missing: the adapter folder has a config but no weights")
-    if EXPORT_KEY not in tensors:
-        raise ValueError(f"{path} has no {EXPORT_KEY!r} tensor (found {sorted(tensors)}); not a prompt adapter")
-    return tensors[EXPORT_KEY].float()
+    shapes, _ = _read_header(path)
+    if EXPORT_KEY not in shapes:
+        raise ValueError(f"{path} has no {EXPORT_KEY!r} tensor (found {sorted(shapes)}); not a prompt adapter")
+    if shapes[EXPORT_KEY] != expected:
+        raise ValueError(
+            f"{path}: {EXPORT_KEY} has shape {shapes[EXPORT_KEY]}, but {folder / CONFIG_NAME} on this model needs "
+            f"{expected} (model: hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_key_value_heads} "
+            f"kv heads of {shape.head_dim}); the files disagree, or the adapter was made for another model: load it "
+            "onto the model it was trained with"
+        )
+    return _load_tensors(path)[EXPORT_KEY].float()
+
+
+def _config_in_state(saved: PromptLearningConfig, meta: dict[str, str], folder: Path) -> PromptLearningConfig:
+    """The training-time config kept in `model.safetensors`' metadata; it must describe the same adapter as
+    `adapter_config.json`."""
+    path = folder / STATE_NAME
+    if "softprompt_config" not in meta:
+        return saved
+
+    def invalid(err: Exception) -> ValueError:
+        return ValueError(f"{path}: its metadata 'softprompt_config' is not a valid adapter config ({err}); delete "
+                          f"{STATE_NAME} to load the exported prompt, or save the adapter again")
+
+    try:
+        data = json.loads(meta["softprompt_config"])
+    except ValueError as err:
+        raise invalid(err) from err
+    if not isinstance(data, dict):
+        raise invalid(TypeError(f"a {type(data).__name__}, not an object"))
+    if data.get("peft_type") != saved.peft_type:
+        raise ValueError(f"{folder / CONFIG_NAME} says peft_type {saved.peft_type!r}, but {path} was saved by a "
+                         f"{data.get('peft_type')!r} adapter; the files disagree: save the adapter again")
+    try:
+        config = type(saved).from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise invalid(err) from err
+    if config.num_virtual_tokens != saved.num_virtual_tokens:
+        raise ValueError(f"{folder / CONFIG_NAME} says {saved.num_virtual_tokens} virtual tokens, but {path} holds "
+                         f"{config.num_virtual_tokens}; the files disagree: save the adapter again")
+    return config
+
+
+def _check_context(config: PromptLearningConfig, model_config, path: Path) -> None:
+    """An adapter longer than the model's context cannot have been trained on it (and would allocate for nothing)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if isinstance(limit, int) and config.num_virtual_tokens >= limit:
+        raise ValueError(f"{path}: num_virtual_tokens={config.num_virtual_tokens} fills the model's whole context of "
+                         f"{limit} positions; this adapter was not trained for this model")
+
+
+def _meta_state(config: PromptLearningConfig, shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The state's tensor shapes this config builds, computed on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in _build(config, shape).state_dict().items()}
 
 
 def load_adapter(
@@ -163,33 +235,25 @@ def load_adapter(
     folder = _resolve_folder(model_id, subfolder, **hub_kwargs)
     saved = config or read_config(folder)
     shape = ModelShape.from_model_config(model.config)
-    import dataclasses
-
-    saved.check_fits(shape)
     state_path = folder / STATE_NAME
+    shapes, meta = _read_header(state_path) if state_path.is_file() else ({}, {})
+    in_state = _config_in_state(saved, meta, folder)  # first: files that disagree are not "another model"
+    saved.check_fits(shape)
+    _check_context(saved, model.config, folder / CONFIG_NAME)
     if state_path.is_file():
-        tensors, meta = _load_tensors(state_path)
-        train_config = saved
-        if "softprompt_config" in meta:
-            train_config = type(saved).from_dict(json.loads(meta["softprompt_config"]))
-        train_config = dataclasses.replace(train_config, inference_mode=False).resolve(shape)
-        adapter = _build(train_config, shape)
+        train_config = dataclasses.replace(in_state, inference_mode=False).resolve(shape)
         prefix = f"prompt_encoder.{meta.get('adapter_name', 'default')}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _load_state(adapter, state, state_path)
+        _check_shapes(_meta_state(train_config, shape), {k[len(prefix):]: v for k, v in shapes.items()
+                                                          if k.startswith(prefix)}, state_path)
+        tensors = _load_tensors(state_path)
+        adapter = _build(train_config, shape)
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         _check_matches_export(adapter, folder)
         return adapter
     # peft's file: only the exported prompt; the encoder (if any) is gone, so build the inference form.
-    exported = _read_prompt_embeddings(folder)
     infer_config = dataclasses.replace(saved, inference_mode=True).resolve(shape)
+    exported = _read_prompt_embeddings(folder, _meta_state(infer_config, shape)["embedding.weight"], shape)
     adapter = _build(infer_config, shape)
-    expected = tuple(adapter.embedding.weight.shape)
-    if tuple(exported.shape) != expected:
-        raise ValueError(
-            f"{folder / WEIGHTS_NAME}: prompt_embeddings has shape {tuple(exported.shape)}, but this model needs "
-            f"{expected} (model: hidden {shape.hidden_size}, {shape.num_layers} layers, "
-            f"{shape.num_key_value_heads} kv heads of {shape.head_dim}); load it onto the model it was trained with"
-        )
     adapter.load_exported(exported)
     return adapter
 
@@ -197,11 +261,11 @@ def load_adapter(
 def _check_matches_export(adapter: PromptAdapter, folder: Path) -> None:
     """`model.safetensors` must describe the same prompt as peft's file beside it: another tool (peft)
     may have rewritten the adapter and left our state file behind, stale."""
-    if not (folder / WEIGHTS_NAME).is_file() and not (folder / LEGACY_WEIGHTS_NAME).is_file():
-        return
-    exported = _read_prompt_embeddings(folder)
+    if not (folder / WEIGHTS_NAME).is_file():
+        return  # (an adapter_model.bin beside it is never read)
     ours = adapter.exported()
-    if exported.shape != ours.shape or not torch.allclose(exported, ours, rtol=1e-4, atol=1e-4):
+    exported = _read_prompt_embeddings(folder, tuple(ours.shape), adapter.shape)
+    if not torch.allclose(exported, ours, rtol=1e-4, atol=1e-4):
         raise ValueError(
             f"{folder / STATE_NAME} does not match {folder / WEIGHTS_NAME} (the adapter was rewritten by another "
             f"tool?); delete {STATE_NAME} to load the exported prompt, or save the adapter again"
@@ -212,16 +276,14 @@ def _build(config: PromptLearningConfig, shape: ModelShape) -> PromptAdapter:
     return config.build(shape, None)
 
 
-def _load_state(adapter: PromptAdapter, state: dict[str, torch.Tensor], path: Path) -> None:
-    own = adapter.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def _check_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
     if missing or unexpected:
         raise ValueError(f"{path}: adapter state does not match its config (missing {missing}, unexpected {unexpected})")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+    for k, v in found.items():
+        if v != own[k]:
             raise ValueError(
-                f"{path}: {k} has shape {tuple(v.shape)}, this model needs {tuple(own[k].shape)}; "
-                "load the adapter onto the model it was trained with"
+                f"{path}: {k} has shape {v}, but its config on this model needs {own[k]}; the files disagree, or "
+                "the adapter was made for another model: load it onto the model it was trained with"
             )
-    adapter.load_state_dict(state)

@@ -27,7 +27,7 @@ from .data import ColumnMap, DataReport, load_rows, tokenize
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when tokenize() changes what it produces
+FORMAT = 2  # bump when load_rows() or tokenize() change what they produce (2: mixed-type JSON columns)
 
 
 def tokenized_rows(path: str | Path, columns: ColumnMap, tokenizer, max_length: int, template: str,

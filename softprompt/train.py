@@ -147,23 +147,20 @@ def _publish(staged: str, final: str) -> None:
 
 # -- checkpoints ----------------------------------------------------------------------------------
 def missing_checkpoint_files(folder: str | Path) -> list[str]:
-    """What a checkpoint folder lacks to resume exactly (adapter, optimizer, scheduler, RNG, state)."""
-    folder = Path(folder)
-    needed = ["adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"]
-    missing = [n for n in needed if not (folder / n).is_file()]
-    args_file = folder / "training_args.bin"
-    save_only_model = False
-    if args_file.is_file():
-        try:
-            import torch
+    """What a checkpoint folder lacks to resume exactly (adapter, optimizer, scheduler, RNG, state).
 
-            save_only_model = bool(getattr(torch.load(args_file, weights_only=False), "save_only_model", False))
-        except Exception:  # an unreadable args file is itself a sign of a broken folder
-            missing.append("training_args.bin (unreadable)")
-    if not save_only_model:
-        missing += [n for n in ("optimizer.pt", "scheduler.pt") if not (folder / n).is_file()]
-        if not glob.glob(str(folder / "rng_state*.pth")):
-            missing.append("rng_state.pth")
+    Only names are checked; nothing is read. `training_args.bin` (a pickle) is never loaded here: a planted
+    folder could run code through it. A `save_only_model` checkpoint lacks the optimizer and cannot be
+    resumed (as transformers documents), so it counts as incomplete. What Trainer itself reads on resume is
+    safetensors, JSON, and `optimizer.pt` / `scheduler.pt` / `rng_state*.pth` through
+    `torch.load(weights_only=True)`, whose unpickler builds tensors and plain containers only and runs no code.
+    """
+    folder = Path(folder)
+    needed = ["adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json",
+              "optimizer.pt", "scheduler.pt"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if not glob.glob(glob.escape(str(folder)) + "/rng_state*.pth"):
+        missing.append("rng_state.pth")
     return missing
 
 
@@ -175,8 +172,9 @@ def check_checkpoint(folder: str | Path) -> Path:
     missing = missing_checkpoint_files(folder)
     if missing:
         raise ValueError(
-            f"{folder} is an incomplete checkpoint (missing {', '.join(missing)}): its save was interrupted. "
-            "Resume from an earlier checkpoint, or with resume_from_checkpoint=true to take the last complete one"
+            f"{folder} is an incomplete checkpoint (missing {', '.join(missing)}): its save was interrupted, or it "
+            "was saved with save_only_model=true, which cannot be resumed. Resume from an earlier checkpoint, or "
+            "with resume_from_checkpoint=true to take the last complete one"
         )
     return folder
 
@@ -271,11 +269,13 @@ def load_data(config: TrainConfig, tokenizer):
     kwargs = dict(max_length=config.max_length, template=config.template, cache=config.cache_tokenized)
     data, report = tokenized_rows(config.data, columns, tokenizer, **kwargs)
     print(report.summary(), flush=True)
+    report.check_skipped(config.max_skipped_fraction)  # DataError (exit code 2) when too many rows are bad
     if not len(data):
         raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
     if config.eval_data:
         val, eval_report = tokenized_rows(config.eval_data, columns, tokenizer, **kwargs)
         print(eval_report.summary(), flush=True)
+        eval_report.check_skipped(config.max_skipped_fraction)
         return data, (val if len(val) else None), load_rows(config.eval_data, columns)
     if config.val_size and len(data) > 1:
         seed = int(config.training.get("data_seed") or config.training.get("seed", 42))

@@ -71,6 +71,7 @@ class TrainConfig:
     template: str = "alpaca"  # "alpaca" (the seed's Human/Assistant template) or "chat" (the tokenizer's)
     eval_data: str | None = None  # a separate validation file; otherwise val_size rows of `data`
     val_size: float | int = 0.05  # fraction or row count held out for eval loss; 0: none
+    max_skipped_fraction: float = 0.05  # more bad rows than this (skipped, reported) stops the run: exit code 2
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
@@ -108,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"compile={self.compile!r} is not valid; allowed values: auto, true, false")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype={self.base_dtype!r} is not valid; allowed values: {', '.join(BASE_DTYPES)}")
+        if isinstance(self.max_skipped_fraction, bool) or not isinstance(self.max_skipped_fraction, (int, float)) \
+                or not 0 <= self.max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction!r} is not valid; give a fraction in [0, 1]")
         if not self.data:
             raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or folder")
         own = set(method_keys(self.method))

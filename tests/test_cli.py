@@ -48,6 +48,20 @@ def test_train_errors_are_clear(workspace, capsys):
     assert "nope.jsonl: no such file" in capsys.readouterr().err
 
 
+def test_train_stops_when_most_rows_are_bad(workspace, capsys):
+    """Issue #9: 103 of 104 rows skipped used to train on 1 row with exit code 0."""
+    rows = [json.loads(line) for line in (workspace / "data.jsonl").read_text(encoding="utf-8").splitlines()][:4]
+    rows += [{**rows[0], "output": 7}] * 4
+    bad = workspace / "mostly_bad.jsonl"
+    bad.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert main(["train", str(workspace / "train.yaml"), "--data", str(bad), "--output_dir", str(workspace / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "kept 4 of 8 rows" in err and "output is int, not a string: 4 (rows 5, 6, 7, 8)" in err
+    assert "more than max_skipped_fraction=0.05" in err and not (workspace / "bad" / "checkpoint-2").exists()
+    assert main(["train", str(workspace / "train.yaml"), "--max_skipped_fraction", "2"]) == 2
+    assert "max_skipped_fraction=2.0 is not valid" in capsys.readouterr().err
+
+
 def test_generate_greedy_and_sampled(workspace, capsys):
     adapter = str(workspace / "adapter")
     args = ["generate", "--adapter", adapter, "Write this word in capital letters.", "--input", "apple",

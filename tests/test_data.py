@@ -153,6 +153,9 @@ def test_csv_keeps_na_and_numbers_as_text(tmp_path):
 
 # ---- file problems: DataError naming the file -------------------------------------------------------
 
+NESTED = "[" * 50_000 + "]" * 50_000
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("empty.json", "", "the file is empty"),
     ("blank.jsonl", "\n  \n", "the file is empty"),
@@ -165,6 +168,15 @@ def test_csv_keeps_na_and_numbers_as_text(tmp_path):
      "invalid JSON at line 3"),
     ("list.jsonl", '{"instruction": "a", "output": "b"}\n["c", "d"]\n', "line 2 is a list, not an object"),
     ("rows.txt", "instruction\n", "unknown file type"),
+    # issue #9: nesting past what the reader handles, and a key or column given twice
+    ("deep.json", '[{"instruction": "a", "output": ' + NESTED + "}]", "the file nests JSON arrays or objects deeper"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ' + NESTED + "}\n",
+     "line 2 nests JSON arrays or objects deeper"),
+    ("twice.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "output": "c"}\n',
+     "line 2 gives the key 'output' twice"),
+    ("twice.json", '[{"instruction": "a", "output": "b"}, {"output": "b", "instruction": "a", "instruction": "c"}]',
+     r"row 2 \(1-based\) gives the key 'instruction' twice"),
+    ("twice.csv", "instruction,output,output\na,b,c\n", "the column 'output' appears twice"),
 ])
 def test_file_problems_name_the_file(tmp_path, name, content, message):
     path = tmp_path / name
@@ -399,3 +411,60 @@ def test_52k_rows_tokenize_in_seconds(zh_tok):
           f"(byte-level BPE, vocab {len(zh_tok)}, {os.cpu_count()} cores)\n{report.summary()}")
     assert report.rows == 52002 and report.skipped["output is empty"] == 50
     assert len(data) == report.kept
+
+
+# ---- issue #9: values as the file has them, no silent row loss, one handling in every format ---------
+
+def test_a_column_mixing_strings_and_a_number_keeps_the_strings(tmp_path, tok):
+    """99 rows whose output is a string such as "42", one whose output is the number 7: 99 kept, 1 named."""
+    rows = [{"instruction": f"Add {i} and 0.", "output": str(i)} for i in range(99)]
+    rows.insert(50, {"instruction": "Add 7 and 0.", "output": 7})
+    rows += [{"instruction": "Read.", "output": text} for text in ("null", "[1, 2]", "true", '"quoted"')]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    loaded = load_rows(path)
+    assert [r["output"] for r in loaded.select([0, 42, 98, 99, 100, 101, 102, 103])] == [
+        "0", "42", "97", "98", "null", "[1, 2]", "true", '"quoted"']
+    assert loaded[50]["output"] == 7
+    data, report = tokenize(loaded, tok)
+    assert report.kept == 103 and report.skipped == {"output is int, not a string": 1}
+    assert report.first_rows == {"output is int, not a string": (51,)}
+    array = tmp_path / "mixed.json"
+    array.write_text(json.dumps(rows), encoding="utf-8")
+    assert tokenize(load_rows(array), tok)[1] == DataReport(**{**report.__dict__, "source": str(array)})
+
+
+def test_too_many_skipped_rows_stop_with_a_clear_message(tmp_path, tok):
+    rows = [{"instruction": "x", "output": 7}] * 3 + ROWS  # 3 of 6 rows bad
+    data, report = tokenize(load_rows(write_jsonl(tmp_path / "rows.jsonl", rows)), tok)
+    with pytest.raises(DataError, match=r"kept 3 of 6 rows.*output is int, not a string: 3 \(rows 1, 2, 3\)\. That is "
+                                        r"50\.0% of the rows, more than max_skipped_fraction=0\.05: fix those rows"):
+        report.check_skipped(0.05)
+    report.check_skipped(0.5)  # exactly the limit: allowed
+    with pytest.raises(ValueError, match="max_skipped_fraction=1.5 is not valid"):
+        report.check_skipped(1.5)
+
+
+def test_repeated_parquet_column_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])], names=["instruction", "output", "output"])
+    pq.write_table(table, tmp_path / "twice.parquet")
+    with pytest.raises(DataError, match="twice.parquet: the column 'output' appears twice"):
+        load_rows(tmp_path / "twice.parquet")
+
+
+def test_nesting_in_a_column_that_is_not_read_is_harmless(tmp_path):
+    rows = [{"instruction": "a", "output": "b", "extra": json.loads("[" * 500 + "]" * 500)}]
+    assert load_rows(write_jsonl(tmp_path / "rows.jsonl", rows)).to_list() == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+@pytest.mark.parametrize("kind", ["json array", ".jsonl", ".jsonl.gz", ".csv"])
+def test_a_byte_order_mark_is_dropped_in_every_text_format(kind, tmp_path):
+    path = write(kind, tmp_path, ROWS)
+    opener = gzip.open if kind.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    with opener(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + raw)
+    assert load_rows(path).to_list() == EXPECTED

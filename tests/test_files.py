@@ -246,3 +246,95 @@ def test_stale_softprompt_state_is_not_loaded_silently(tmp_path):
         assert "model.safetensors" in str(err)
     else:  # if it loads, it must be peft's new adapter
         torch.testing.assert_close(text_logits(loaded), text_logits(pair.peft.eval()), atol=1e-5, rtol=0)
+
+
+# -- issue #9: nothing unpickled, configs checked before allocating, weights and configs that disagree ----
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _rewrite_state(path: Path, change) -> None:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors, meta)
+    save_file(tensors, str(path), meta)
+
+
+def test_a_huge_config_is_refused_before_any_tensor_is_allocated(tmp_path, monkeypatch):
+    """500,000 virtual tokens allocated 1.1 GB before the old shape check refused them; 20 over weights of 10
+    loaded."""
+    base, folder = _saved(tmp_path, "prompt_random")
+    built_on = []  # where each module the loader builds lives: only on meta (no memory) until the checks pass
+    original = softprompt.files._build
+    monkeypatch.setattr(softprompt.files, "_build", lambda c, s: built_on.append(torch.empty(0).device.type) or original(c, s))
+    _edit_config(folder, num_virtual_tokens=500_000)
+    with pytest.raises(ValueError, match=r"says 500000 virtual tokens, but .*model\.safetensors holds 4; the files disagree"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+    (folder / "model.safetensors").unlink()  # peft's folder: the config against the model, then the file's header
+    with pytest.raises(ValueError, match=r"adapter_config\.json: num_virtual_tokens=500000 fills the model's whole context"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+    _edit_config(folder, num_virtual_tokens=200)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: prompt_embeddings has shape \(4, 32\), but .*\(200, 32\)"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+    assert built_on == ["meta"]
+
+
+@pytest.mark.parametrize("writer", ["softprompt", "peft"])
+def test_a_config_of_20_virtual_tokens_over_weights_of_10_is_refused(tmp_path, writer):
+    base = make_base("qwen2")
+    if writer == "softprompt":
+        softprompt.get_peft_model(base, softprompt.PromptTuningConfig(num_virtual_tokens=10)).save_pretrained(str(tmp_path))
+    else:
+        peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+                            ).save_pretrained(str(tmp_path))
+    _edit_config(tmp_path, num_virtual_tokens=20)
+    message = {"softprompt": r"says 20 virtual tokens, but .*model\.safetensors holds 10; the files disagree",
+               "peft": r"adapter_model\.safetensors: prompt_embeddings has shape \(10, 32\), but .*\(20, 32\)"}[writer]
+    with pytest.raises(ValueError, match=message):
+        softprompt.PeftModel.from_pretrained(base, str(tmp_path))
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "adapter_model.safetensors"])
+def test_weights_that_are_not_finite_are_refused(tmp_path, file):
+    base, folder = _saved(tmp_path, "prompt_random")
+    if file == "adapter_model.safetensors":
+        (folder / "model.safetensors").unlink()
+    _rewrite_state(folder / file, lambda tensors, meta: [t.fill_(float("nan")) for t in tensors.values()])
+    with pytest.raises(ValueError, match=rf"{file.replace('.', '[.]')}: \S+ holds values that are not finite"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+
+
+def test_broken_metadata_names_the_file(tmp_path):
+    base, folder = _saved(tmp_path)
+    _rewrite_state(folder / "model.safetensors", lambda tensors, meta: meta.update(softprompt_config="{broken"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: its metadata 'softprompt_config' is not a valid adapter"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+
+
+def test_a_changed_peft_type_says_the_files_disagree(tmp_path):
+    base, folder = _saved(tmp_path, "prompt_random")
+    _edit_config(folder, peft_type="PREFIX_TUNING")
+    with pytest.raises(ValueError, match=r"adapter_config\.json says peft_type 'PREFIX_TUNING', but .*model\.safetensors "
+                                         r"was saved by a 'PROMPT_TUNING' adapter; the files disagree"):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code from the adapter folder ran"))
+
+
+def test_a_pickled_adapter_is_refused_with_the_way_to_convert_it(tmp_path):
+    base, folder = _saved(tmp_path, "prompt_random")
+    (folder / "model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save(_Planted(marker), folder / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin is a pickle, and softprompt never unpickles.*save_file\("):
+        softprompt.PeftModel.from_pretrained(base, str(folder))
+    assert not marker.exists()

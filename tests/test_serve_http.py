@@ -10,7 +10,9 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from _serve_fixtures import ADAPTERS, running_server, tiny_peft, tiny_tokenizer
+from safetensors.torch import save_file
 
 from softprompt import files
 from softprompt.serve import Engine
@@ -38,6 +40,17 @@ def adapter_root(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "corrupt").mkdir()
     (root / "corrupt" / "adapter_config.json").write_text("{not json")
+    # issue #9: files that must not load (and must not cost memory): NaN weights, a pickle, a huge config
+    files.save_adapter(source.prompt_encoder["pt4"], "pt4", root / "nan")
+    save_file({"prompt_embeddings": torch.full((4, 32), float("nan"))}, str(root / "nan" / files.WEIGHTS_NAME))
+    (root / "nan" / files.STATE_NAME).unlink()
+    files.save_adapter(source.prompt_encoder["pt4"], "pt4", root / "pickled")
+    for name in (files.WEIGHTS_NAME, files.STATE_NAME):
+        (root / "pickled" / name).unlink()
+    torch.save({"prompt_embeddings": torch.zeros(4, 32)}, root / "pickled" / files.LEGACY_WEIGHTS_NAME)
+    files.save_adapter(source.prompt_encoder["pt4"], "pt4", root / "huge")
+    config = json.loads((root / "huge" / files.CONFIG_NAME).read_text())
+    (root / "huge" / files.CONFIG_NAME).write_text(json.dumps({**config, "num_virtual_tokens": 500_000}))
     return root
 
 
@@ -279,6 +292,9 @@ def test_adapters_load_and_unload_at_run_time(server, client):
         ("x8", "corrupt", 400),
         ("bad name", "a1", 400),
         ("x9", "", 400),
+        ("x10", "nan", 400),
+        ("x11", "pickled", 400),
+        ("x12", "huge", 400),
     ],
 )
 def test_adapter_paths_outside_the_root_are_refused(server, name, path, status):

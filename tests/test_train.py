@@ -218,3 +218,36 @@ def test_packing_keys_are_checked():
         TrainConfig.from_mapping({"data": "d.json", "base_dtype": "half"})
     c = TrainConfig.from_mapping({"data": "d.json", "packing": "false", "pack_length": "300"})
     assert c.packing is False and c.pack_length == 300
+
+
+class _Planted:
+    """A pickle that, when loaded, writes a marker file: what a hostile `training_args.bin` can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code from the checkpoint ran"))
+
+
+def test_resume_never_unpickles_training_args(workspace, tmp_path):
+    """Issue #9: a planted checkpoint-998 whose training_args.bin is a crafted pickle runs nothing on resume."""
+    train(TrainConfig.from_mapping(settings(workspace, "planted", max_steps=2, save_steps=2)), num_samples=0)
+    out = workspace / "planted"
+    marker = tmp_path / "pwned"
+    planted = out / "checkpoint-998"
+    planted.mkdir()
+    for f in (out / "checkpoint-2").iterdir():
+        planted.joinpath(f.name).write_bytes(f.read_bytes())
+    torch.save(_Planted(marker), planted / "training_args.bin")
+    torch.save(_Planted(marker), out / "checkpoint-2" / "training_args.bin")
+    assert last_checkpoint(out) == planted and check_checkpoint(planted) == planted
+    train(TrainConfig.from_mapping(settings(workspace, "planted", max_steps=4, save_steps=2,
+                                            resume_from_checkpoint="true")), num_samples=0)
+    assert not marker.exists()
+    # A save_only_model checkpoint (no optimizer, scheduler or RNG state) cannot be resumed, and says so.
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (planted / name).unlink()
+    with pytest.raises(ValueError, match="save_only_model=true, which cannot be resumed"):
+        check_checkpoint(planted)
+    assert not marker.exists()

@@ -14,13 +14,13 @@
     launch.py      serve() and main(argv): `softprompt serve`
 """
 
-from .engine import ContextTooLong, Engine, UnknownAdapter
+from .engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
 from .params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Delta, Sequence
 
 __all__ = [
-    "Engine", "Scheduler", "Sequence", "SamplingParams", "Delta", "UnknownAdapter", "ContextTooLong",
+    "Engine", "Scheduler", "Sequence", "SamplingParams", "Delta", "UnknownAdapter", "ContextTooLong", "InvalidTokenId",
     "serve", "build_server", "main",
 ]
 

@@ -9,6 +9,10 @@ Each `step()`:
      padding dropped, into free slots of the `SlotStore`; each gets its first token;
   3. finished sequences leave, and the last slots move into their holes.
 
+One request's error never reaches another: requests are checked when they arrive (`check`), and if a
+prefill still raises, the group is split until the sequences that fail alone are found; only those end
+(finish reason "invalid"), the others run as they would alone. A row whose sampling fails ends alone too.
+
 After the prefill an adapter plays no further part (its prompt lives in the keys), so prefix rows and
 prompt rows decode in the same forward, and an adapter can be unloaded while its requests still run.
 Every row computes what it computes alone: same keys, same positions, padding masked.
@@ -45,6 +49,10 @@ class ContextTooLong(ValueError):
     """Virtual tokens + prompt + max_tokens pass the server's context limit."""
 
 
+class InvalidTokenId(ValueError):
+    """A prompt's token id the model's embedding cannot look up."""
+
+
 class Engine:
     def __init__(
         self,
@@ -61,6 +69,7 @@ class Engine:
         self.base = model.base_model
         self.tokenizer = tokenizer
         self.device = model.get_input_embeddings().weight.device
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]  # token ids the embedding can look up
         self.max_model_len = _context_limit(model.config, max_model_len)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self.store = SlotStore(max_num_seqs, self.max_model_len)
@@ -103,6 +112,15 @@ class Engine:
         """The sequence this request would be; raises `ValueError`, `UnknownAdapter` or `ContextTooLong`."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) > self.max_model_len:  # before looking at each id: a cheap bound on the work
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_ids)} tokens, more than the server's limit of {self.max_model_len}; "
+                "shorten the prompt"
+            )
+        bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidTokenId(f"token id {bad!r} is not valid; token ids must be integers in [0, {self.vocab_size})")
         seq = Sequence(list(prompt_ids), params, adapter, self.num_virtual_tokens(adapter))
         if seq.context_needed > self.max_model_len:
             raise ContextTooLong(
@@ -118,7 +136,11 @@ class Engine:
         if self.graphs is None:
             return
         try:
-            self.generate([[self.pad_id]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+            seq = self.generate([[self.pad_id]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
+            if seq.finish_reason == "error":  # its prefill ran out of memory (a prefill failure ends the sequence)
+                raise torch.OutOfMemoryError(seq.error)
+            if seq.finish_reason == "invalid":
+                raise RuntimeError(f"the engine cannot run a one-token request: {seq.error}")
         except torch.OutOfMemoryError as err:
             self.fail_all("out of memory while warming up")
             self.store = SlotStore(self.store.max_slots, self.max_model_len)
@@ -159,7 +181,7 @@ class Engine:
             if decoding:  # first: graph padding rows may write into the slots the joiners are about to fill
                 self._decode(decoding)
             if joined:
-                self._prefill(joined)
+                self._prefill_isolated(joined)
             self.stats["steps"] += 1
             self.stats["prefills"] += bool(joined)
             self.stats["tokens"] += len(joined) + len(decoding)
@@ -178,6 +200,26 @@ class Engine:
                 self._emit(seq, seq.fail("unloaded", f"adapter {seq.adapter!r} was unloaded before the request ran"))
         self.scheduler.take_aborted_waiting()
         self._retire()
+
+    def _prefill_isolated(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` (consecutive slots); if that raises, halve the group until the sequences that fail
+        alone are found, and end only those. Rows compute what they compute alone, so halving changes no
+        answer. Running out of memory is the server's trouble, not the request's: it ends as "error"."""
+        try:
+            self._prefill(seqs)
+        except Exception as err:
+            if len(seqs) > 1:
+                log.warning("prefill of %d sequences failed (%s: %s); retrying in halves", len(seqs),
+                            type(err).__name__, err)
+                half = len(seqs) // 2
+                self._prefill_isolated(seqs[:half])
+                self._prefill_isolated(seqs[half:])
+                return
+            seq = seqs[0]
+            log.warning("request %s failed alone: %s: %s", seq.seq_id, type(err).__name__, err)
+            server_side = isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            reason = "error" if server_side else "invalid"
+            self._emit(seq, seq.fail(reason, f"this request could not be run: {type(err).__name__}: {err}"))
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         n, L = len(seqs), max(len(s.prompt_ids) for s in seqs)
@@ -199,7 +241,7 @@ class Engine:
         for seq, length in zip(seqs, lengths):
             seq.length = length
             seq.start(self.tokenizer, self.device)
-        self._append(seqs, select_tokens(out.logits[:, -1], seqs))
+        self._append(seqs, *select_tokens(out.logits[:, -1], seqs))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         B = len(seqs)
@@ -219,11 +261,14 @@ class Engine:
             logits = self.base(**kwargs, use_cache=True).logits[:, -1]
         for seq in seqs:
             seq.length += 1
-        self._append(seqs, select_tokens(logits, seqs))
+        self._append(seqs, *select_tokens(logits, seqs))
 
-    def _append(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
-        for seq, token in zip(seqs, tokens.tolist()):
-            self._emit(seq, seq.append(token, self.eos_ids))
+    def _append(self, seqs: list[Sequence], tokens: torch.Tensor, failed: dict[int, str]) -> None:
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            if i in failed:  # this row's own sampling failed (e.g. its logits are not finite): it ends alone
+                self._emit(seq, seq.fail("invalid", f"this request could not be run: {failed[i]}"))
+            else:
+                self._emit(seq, seq.append(token, self.eos_ids))
 
     def _retire(self) -> None:
         for seq, src in self.scheduler.retire():

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .app import create_app
+from .app import DEFAULT_MAX_REQUEST_BYTES, create_app
 from .engine import Engine, empty_peft_model
 from .protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
 from .registry import AdapterRegistry
@@ -31,6 +31,7 @@ def build_server(
     chat_template: str = SEED_TEMPLATE,
     served_model_name: str | None = None,
     cuda_graphs: bool = True,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ):
     """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet."""
     from ..models import load_base
@@ -50,7 +51,8 @@ def build_server(
     registry = AdapterRegistry(engine, name, adapter_root)
     for adapter_name, folder in (adapters or {}).items():
         registry.load(adapter_name, folder, trusted=True)
-    return create_app(engine, tokenizer, model_name=name, registry=registry, api_key=api_key, chat_template=chat_template)
+    return create_app(engine, tokenizer, model_name=name, registry=registry, api_key=api_key, chat_template=chat_template,
+                      max_request_bytes=max_request_bytes)
 
 
 def serve(
@@ -86,6 +88,8 @@ def parser(prog: str = "softprompt serve") -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit per sequence: virtual + prompt + new tokens")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay decoding steps from CUDA graphs (default; the key/value store for "
                         "--max-num-seqs x --max-model-len is then allocated at start). Falls back by itself where "
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             chat_template=args.chat_template,
             served_model_name=args.served_model_name,
             cuda_graphs=args.cuda_graphs,
+            max_request_bytes=args.max_request_bytes,
         )
     except (ValueError, TypeError, LookupError, OSError, MemoryError) as err:  # bad model, adapter or sizes
         if os.environ.get("SOFTPROMPT_DEBUG"):

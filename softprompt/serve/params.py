@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Below this a temperature divides logits past float32's range (inf, then NaN probabilities): it means greedy.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Greedy when `temperature == 0`; otherwise temperature, then top-k, then top-p (transformers' order).
+    """Greedy when `temperature` is 0 (or below `GREEDY_BELOW`); otherwise temperature, then top-k, then top-p (transformers' order).
 
     `seed` makes a sampled answer reproducible whatever else shares its batch (each sequence draws from
     its own generator). Generation stops at the tokenizer's eos token (unless `ignore_eos`), at the first
@@ -32,8 +36,9 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r} is not valid; it must be a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k={self.top_k!r} is not valid; it must be -1 or 0 (off) or a positive integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r} is not valid; it must be an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise ValueError(f"seed={self.seed!r} is not valid; it must be an integer in [-2**63, 2**64)")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={self.stop!r} is not valid; it must be a non-empty string or a list of them")
@@ -41,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _number(value) -> bool:

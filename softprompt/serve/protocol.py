@@ -7,9 +7,9 @@ unknown fields are refused.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .params import SamplingParams
 
@@ -29,10 +29,23 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _unicode_text(value: str) -> str:
+    """JSON may escape a lone surrogate (`"\\ud800"`); it is not text: no tokenizer or encoder takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"holds a lone surrogate ({value[err.start]!r} at character {err.start}), which is not "
+                         "text; send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -40,13 +53,13 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # extension
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @model_validator(mode="after")
     def _neutral_only(self):
@@ -63,6 +76,8 @@ class _Request(BaseModel):
                 raise ValueError("stream_options is only allowed with stream: true")
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise ValueError("stop: at most 16 stop strings")
+        if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
+            raise ValueError("stop: an empty stop string would end every answer at once; leave it out")
         return self
 
     def sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
@@ -82,7 +97,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -102,14 +117,14 @@ class CompletionRequest(_Request):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -123,7 +138,7 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    tool_choice: str | None = None
+    tool_choice: Text | None = None
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
@@ -141,8 +156,8 @@ class ChatCompletionRequest(_Request):
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    path: str
+    name: Text
+    path: Text
 
 
 def seed_chat_prompt(messages: list[ChatMessage]) -> str:

@@ -12,13 +12,18 @@ import torch
 from .sequence import Sequence
 
 
-def select_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """`(B,)` next tokens from last-position logits `(B, vocab)`."""
+def select_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, str]]:
+    """`(B,)` next tokens from last-position logits `(B, vocab)`, and `{row: why}` for rows that could not
+    sample (the caller ends those alone; their entry in the tokens is meaningless)."""
     tokens = logits.argmax(dim=-1)
+    failed: dict[int, str] = {}
     for i, seq in enumerate(seqs):
         if not seq.params.greedy:
-            tokens[i] = sample_row(logits[i].float(), seq)
-    return tokens
+            try:
+                tokens[i] = sample_row(logits[i].float(), seq)
+            except RuntimeError as err:  # e.g. "probability tensor contains either inf, nan or element < 0"
+                failed[i] = f"sampling failed: {err}"
+    return tokens, failed
 
 
 def sample_row(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:

@@ -32,7 +32,8 @@ class Delta:
     text: str
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (eos or a stop string), "length", "abort", "unloaded", "error"
+    finish_reason: str | None = None  # "stop" (eos or a stop string), "length", "abort", "unloaded", "error",
+    # or "invalid" (the request failed alone: its own input caused it)
     error: str | None = None
 
 
