@@ -114,8 +114,8 @@ class Engine:
             raise ValueError("the prompt is empty; give at least one token")
         if len(prompt_ids) > self.max_model_len:  # before looking at each id: a cheap bound on the work
             raise ContextTooLong(
-                f"the prompt is {len(prompt_ids)} tokens, more than the server's limit of {self.max_model_len}; "
-                "shorten the prompt"
+                f"the prompt is {len(prompt_ids)} tokens, more than the server's context limit of "
+                f"{self.max_model_len}; shorten the prompt"
             )
         bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
                     or not 0 <= t < self.vocab_size), None)
