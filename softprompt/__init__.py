@@ -3,12 +3,12 @@
 peft's names, so that `from softprompt import ...` replaces `from peft import ...` in existing scripts.
 """
 
-from .adapter import PromptAdapter
-from .config import ModelShape, PromptLearningConfig, TaskType
-from .model import PeftModel, PeftModelForCausalLM, get_peft_model
-from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from softprompt.core.model import PeftModel, PeftModelForCausalLM, get_peft_model
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import ModelShape, PromptLearningConfig, TaskType
+from softprompt.methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from softprompt.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 __version__ = "0.1.0"
 

@@ -43,12 +43,12 @@ def run(
     packing: bool = True,
 ) -> dict:
     """Run the demo; returns {"before", "after", "seconds", "output_dir"} and prints the story."""
-    from .data import load_rows
-    from .demo_data import write_demo_dataset
-    from .evaluate import evaluate
-    from .models import load_base
-    from .train import train
-    from .train_config import TrainConfig
+    from softprompt.data.rows import load_rows
+    from softprompt.data.demo import write_demo_dataset
+    from softprompt.inference.evaluate import evaluate
+    from softprompt.io.base_models import load_base
+    from softprompt.train.trainer import train
+    from softprompt.train.config import TrainConfig
 
     start = time.time()
     out = Path(output_dir)
@@ -78,7 +78,7 @@ def run(
     print(f"[{time.time() - start:5.0f}s] trained in {train_seconds:.0f} s ({'packed' if packing else 'padded'} batches): final train loss {result.metrics.get('train_loss', float('nan')):.3f}",
           flush=True)
 
-    from .model import PeftModel
+    from softprompt.core.model import PeftModel
 
     base, tokenizer = load_base(model)
     tuned = PeftModel.from_pretrained(base, str(out / "adapter"))

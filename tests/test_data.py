@@ -1,4 +1,4 @@
-"""softprompt.data: every file format, the seed's template token for token, bad rows, split, collator."""
+"""softprompt.data.rows: every file format, the seed's template token for token, bad rows, split, collator."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from softprompt.data import (
+from softprompt.data.rows import (
     ColumnMap, DataError, DataReport, alpaca_prompt, load_rows, make_collator, split, tokenize,
 )
 
@@ -125,7 +125,7 @@ def write(kind: str, folder: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("kind", ["json array", "json lines in .json", ".jsonl", ".jsonl.gz", ".json.gz", ".csv",
                                   ".parquet", "save_to_disk", "save_to_disk DatasetDict"])
 def test_each_format_reads_the_same_rows(kind, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="softprompt.data"):
+    with caplog.at_level(logging.INFO, logger="softprompt.data.rows"):
         rows = load_rows(write(kind, tmp_path, ROWS))
     assert rows.column_names == ["instruction", "input", "output"]
     assert rows.to_list() == EXPECTED
@@ -324,7 +324,7 @@ def test_each_bad_row_is_named(tmp_path, tok, bad, reason):
 def test_bad_rows_are_counted_per_reason(tmp_path, tok, caplog):
     rows = [ROWS[0]] + [{"instruction": "x", "output": ""}] * 7 + [{"instruction": "x", "output": 1}, ROWS[1]]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="softprompt.data"):
+    with caplog.at_level(logging.WARNING, logger="softprompt.data.rows"):
         data, report = tokenize(load_rows(path), tok)
     assert report == DataReport(source=str(path), rows=10, kept=2, truncated=0, max_length=256,
                                 skipped={"output is empty": 7, "output is int, not a string": 1},

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from softprompt.demo_data import TASKS, make_demo_dataset, write_demo_dataset
+from softprompt.data.demo import TASKS, make_demo_dataset, write_demo_dataset
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

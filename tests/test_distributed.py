@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.train import check_checkpoint
+from softprompt.train.trainer import check_checkpoint
 from tiny_lm import REPO, make_tiny_lm, row_texts, toy_rows, write_rows
 
 ROWS = 36  # 32 train + 4 validation

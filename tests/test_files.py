@@ -267,8 +267,8 @@ def test_a_huge_config_is_refused_before_any_tensor_is_allocated(tmp_path, monke
     loaded."""
     base, folder = _saved(tmp_path, "prompt_random")
     built_on = []  # where each module the loader builds lives: only on meta (no memory) until the checks pass
-    original = softprompt.files._build
-    monkeypatch.setattr(softprompt.files, "_build", lambda c, s: built_on.append(torch.empty(0).device.type) or original(c, s))
+    original = softprompt.io.files._build
+    monkeypatch.setattr(softprompt.io.files, "_build", lambda c, s: built_on.append(torch.empty(0).device.type) or original(c, s))
     _edit_config(folder, num_virtual_tokens=500_000)
     with pytest.raises(ValueError, match=r"says 500000 virtual tokens, but .*model\.safetensors holds 4; the files disagree"):
         softprompt.PeftModel.from_pretrained(base, str(folder))

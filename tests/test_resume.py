@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.train import STAGING_DIR, build_trainer, train
-from softprompt.train_config import TrainConfig
+from softprompt.hf.trainer import STAGING_DIR
+from softprompt.train.config import TrainConfig
+from softprompt.train.trainer import build_trainer, train
 from tiny_lm import REPO, make_workspace
 
 METHODS = {
@@ -76,8 +77,8 @@ def test_losses_differ_without_the_optimizer_state(workspace):
 DRIVER = """
 import os, signal, sys, time
 from transformers import TrainerCallback
-from softprompt.train import SoftPromptTrainer, train
-from softprompt.train_config import TrainConfig, parse_overrides
+from softprompt.train.config import TrainConfig, parse_overrides
+from softprompt.train.trainer import SoftPromptTrainer, train
 
 mode = sys.argv[1]
 
@@ -173,8 +174,8 @@ def test_plain_transformers_trainer_resumes_exactly(workspace, tmp_path):
     from transformers import Trainer, TrainingArguments, set_seed
 
     from softprompt import PromptEncoderConfig, get_peft_model
-    from softprompt.data import load_rows, make_collator, tokenize
-    from softprompt.models import load_base
+    from softprompt.data.rows import load_rows, make_collator, tokenize
+    from softprompt.io.base_models import load_base
 
     def run(out: Path, resume: str | None) -> list:
         set_seed(0)

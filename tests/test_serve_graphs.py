@@ -18,9 +18,10 @@ from test_serve_engine import alone, requests
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import softprompt as sp
+from softprompt.hf.masks import capturable_masks, eager_mask
 from softprompt.serve import Engine, SamplingParams
 from softprompt.serve.engine import empty_peft_model
-from softprompt.serve.graphs import DecodeGraphs, buckets, capturable_masks, eager_mask, widths
+from softprompt.serve.graphs import DecodeGraphs, buckets, widths
 
 
 def graph_engine(model, **kwargs) -> Engine:

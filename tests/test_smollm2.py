@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import softprompt as sp
-from softprompt.models import load_base
+from softprompt.io.base_models import load_base
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""softprompt/token_cache.py: the tokenized rows come back from disk, equal, and a changed file is tokenized again."""
+"""softprompt/data/token_cache.py: the tokenized rows come back from disk, equal, and a changed file is tokenized again."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from softprompt.data import ColumnMap, load_rows, tokenize
-from softprompt.token_cache import tokenized_rows
+from softprompt.data.rows import ColumnMap, load_rows, tokenize
+from softprompt.data.token_cache import tokenized_rows
 from tiny_lm import make_workspace, toy_rows, write_rows
 
 
@@ -25,7 +25,7 @@ def test_second_call_reads_the_cache_and_equals_tokenize(workspace, monkeypatch)
     first, report = tokenized_rows(data, ColumnMap(), tokenizer, 64, "alpaca")
     assert len(list((workspace / "cache" / "tokenized").iterdir())) == 1
 
-    import softprompt.token_cache as token_cache
+    import softprompt.data.token_cache as token_cache
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although the cache holds these rows")

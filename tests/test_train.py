@@ -1,4 +1,4 @@
-"""softprompt/train.py and train_config.py: config keys, defaults, a real Trainer run, atomic checkpoints."""
+"""softprompt/train/trainer.py and train_config.py: config keys, defaults, a real Trainer run, atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from softprompt.train import (
-    STAGING_DIR,
+from softprompt.hf.trainer import STAGING_DIR
+from softprompt.train.config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
+from softprompt.train.trainer import (
     SoftPromptTrainer,
     check_checkpoint,
     last_checkpoint,
@@ -18,7 +19,6 @@ from softprompt.train import (
     resolve_resume,
     train,
 )
-from softprompt.train_config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
 from tiny_lm import make_workspace
 
 
@@ -84,7 +84,7 @@ def test_parse_overrides():
 
 
 def test_text_init_takes_one_virtual_token_per_init_token(workspace):
-    from softprompt.models import load_base
+    from softprompt.io.base_models import load_base
 
     _, tokenizer = load_base(str(workspace / "model"))
     text = "Write this word in capital letters."

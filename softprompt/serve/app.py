@@ -26,9 +26,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, RequestStream
-from .engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
-from .protocol import (
+from softprompt.serve.async_engine import AsyncEngine, RequestStream
+from softprompt.serve.engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
+from softprompt.serve.protocol import (
     SEED_TEMPLATE,
     TOKENIZER_TEMPLATE,
     APIError,
@@ -37,7 +37,7 @@ from .protocol import (
     LoadAdapterRequest,
     seed_chat_prompt,
 )
-from .registry import AdapterExists, AdapterPathError, AdapterRegistry
+from softprompt.serve.registry import AdapterExists, AdapterPathError, AdapterRegistry
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # far above what a prompt that fits a 2,048-token context takes

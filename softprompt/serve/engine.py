@@ -28,15 +28,15 @@ from collections.abc import Callable, Sequence as Seq
 import torch
 from transformers import DynamicCache
 
-from ..cache import accepts, cache_kwarg, output_cache
-from ..model import PeftModel, get_peft_model
-from ..prompt_tuning import PromptTuningConfig
-from .graphs import DecodeGraphs
-from .kv import SlotCache, SlotStore
-from .params import SamplingParams
-from .sampler import select_tokens
-from .scheduler import Scheduler
-from .sequence import Delta, Sequence
+from softprompt.core.model import PeftModel, get_peft_model
+from softprompt.hf.cache import accepts, cache_kwarg, output_cache
+from softprompt.methods.prompt_tuning import PromptTuningConfig
+from softprompt.serve.graphs import DecodeGraphs
+from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.serve.params import SamplingParams
+from softprompt.serve.sampler import select_tokens
+from softprompt.serve.scheduler import Scheduler
+from softprompt.serve.sequence import Delta, Sequence
 
 log = logging.getLogger("softprompt.serve")
 

@@ -12,10 +12,11 @@ import sys
 
 import torch
 
-from .app import DEFAULT_MAX_REQUEST_BYTES, create_app
-from .engine import Engine, empty_peft_model
-from .protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
-from .registry import AdapterRegistry
+from softprompt.io.base_models import load_base
+from softprompt.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
+from softprompt.serve.engine import Engine, empty_peft_model
+from softprompt.serve.protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
+from softprompt.serve.registry import AdapterRegistry
 
 
 def build_server(
@@ -34,8 +35,6 @@ def build_server(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ):
     """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet."""
-    from ..models import load_base
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

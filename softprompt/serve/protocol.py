@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from .params import SamplingParams
+from softprompt.serve.params import SamplingParams
 
 SEED_TEMPLATE = "seed"
 TOKENIZER_TEMPLATE = "tokenizer"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelShape, PromptLearningConfig
+from softprompt.methods.config import ModelShape, PromptLearningConfig
 
 
 class PromptAdapter(nn.Module):

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .files import CONFIG_NAME, EXPORT_KEY, STATE_NAME, WEIGHTS_NAME, read_config
+from softprompt.io.base_models import load_base
+from softprompt.io.files import CONFIG_NAME, EXPORT_KEY, STATE_NAME, WEIGHTS_NAME, read_config
 
 
 @dataclass
@@ -82,8 +83,6 @@ def inspect_adapter(folder: str | Path, model: str | None = None, top_k: int = 5
         report.note = "no base model named (adapter_config.json has none); pass --model for the nearest tokens"
         return report
     try:
-        from .models import load_base
-
         base, tokenizer = load_base(source)
     except Exception as err:  # a missing hub model must not stop the rest of the report
         report.note = f"nearest tokens skipped: could not load base model {source!r} ({err})"

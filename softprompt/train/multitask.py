@@ -25,8 +25,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from .config import PromptLearningConfig
-from .model import PeftModel, get_peft_model
+from softprompt.core.model import PeftModel, get_peft_model
+from softprompt.core.packing import PackingCollator, PromptWidths
+from softprompt.data.rows import make_collator, tokenize
+from softprompt.hf.backbone import check_packable
+from softprompt.methods.config import PromptLearningConfig
+from softprompt.train.trainer import SoftPromptTrainer
 
 TASK_FIELD = "adapter_names"
 
@@ -47,10 +51,8 @@ def multitask_model(
 def tokenize_tasks(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task_column: str = "task", **tokenize_kwargs: Any
 ) -> datasets.Dataset:
-    """`data.tokenize` per task, with the task kept as the `adapter_names` column (rows grouped by task;
+    """`tokenize` per task, with the task kept as the `adapter_names` column (rows grouped by task;
     Trainer shuffles them)."""
-    from . import data
-
     if task_column not in rows.column_names:
         raise ValueError(f"no column {task_column!r} (columns: {', '.join(rows.column_names)}); name the task column")
     tasks = rows.unique(task_column)
@@ -60,15 +62,14 @@ def tokenize_tasks(
     parts = []
     for task in sorted(tasks):
         subset = rows.filter(lambda value: value == task, input_columns=task_column)
-        tokenized, _report = data.tokenize(subset.remove_columns(task_column), tokenizer, **tokenize_kwargs)
+        tokenized, _report = tokenize(subset.remove_columns(task_column), tokenizer, **tokenize_kwargs)
         parts.append(tokenized.add_column(TASK_FIELD, [task] * len(tokenized)))
     return datasets.concatenate_datasets(parts)
 
 
 @dataclass
 class MultiTaskCollator:
-    """Pads like `inner` (e.g. `data.make_collator(tokenizer)`) and adds each row's adapter name."""
-
+    """Pads like `inner` (e.g. `make_collator(tokenizer)`) and adds each row's adapter name."""
     inner: Callable[[list[dict]], dict[str, torch.Tensor]]
     adapters: frozenset[str]
 
@@ -102,9 +103,6 @@ def multitask_trainer(
 
     `packing=True`: each batch's rows, whatever their tasks, are packed end to end (`packing.py`), each with
     its own task's prompt; the losses are those of the padded batches (evaluation stays padded)."""
-    from .data import make_collator
-    from .train import SoftPromptTrainer
-
     adapters = frozenset(model.peft_config)
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is None:
@@ -117,9 +115,6 @@ def multitask_trainer(
     collator = MultiTaskCollator(make_collator(tokenizer), adapters)
     train_collator = collator
     if packing:
-        from .backbone import check_packable
-        from .packing import PackingCollator, PromptWidths
-
         check_packable(model.base_model)
         widths = PromptWidths.of(model)
         longest = max(map(len, train_dataset["input_ids"])) + max(widths.virtual.values())

@@ -15,27 +15,33 @@ import contextlib
 import glob
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .train_config import TrainConfig
+from softprompt.core.model import get_peft_model
+from softprompt.core.packing import PackingCollator, PromptWidths
+from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
+from softprompt.data.token_cache import tokenized_rows
+from softprompt.hf.backbone import check_packable, compile_layers
+from softprompt.hf.trainer import StagedCheckpointTrainer
+from softprompt.inference.evaluate import generate_answers
+from softprompt.io.base_models import load_base
+from softprompt.train.config import TrainConfig, base_dtype
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".incomplete"  # where checkpoints are written before they are renamed into place
 RUN_CONFIG_NAME = "softprompt_train.yaml"  # the run's whole config, beside the adapter
 LOSS_PLOT_NAME = "loss.png"
 
 
-class SoftPromptTrainer(Trainer):
-    """`Trainer` whose checkpoints appear whole or not at all, and that runs packed batches.
+class SoftPromptTrainer(StagedCheckpointTrainer):
+    """`Trainer` whose checkpoints appear whole or not at all (`StagedCheckpointTrainer`), and that runs packed batches.
 
     A packed batch (`PackingCollator`: `{"packs": [...], "num_items": n}`) is one optimizer step's rows as
     one or more packed micro-batches: each is a forward and a backward of its own (memory stays that of one
@@ -43,8 +49,6 @@ class SoftPromptTrainer(Trainer):
     step's loss is the token mean over all its rows, as Trainer computes it over accumulated micro-batches.
     Evaluation runs on `eval_collator` (padded rows) when given, so eval loss means what it always meant.
     """
-
-    _staging = False
     eval_collator = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -81,37 +85,6 @@ class SoftPromptTrainer(Trainer):
         finally:
             self.data_collator = collator
 
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = super()._get_output_dir(trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)  # what a killed run left
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)  # every rank writes its RNG state into `staged`
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()
-        best = self.state.best_model_checkpoint
-        moved = bool(best) and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep)
-        if moved:  # Trainer looked for the best checkpoint in the staging folder; point it at the real one
-            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-        if self.args.should_save:
-            if moved:
-                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-            _publish(staged, final)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging_root)  # only when empty
-        self.accelerator.wait_for_everyone()
-
 
 def _to_device(data, device):
     """Tensors (in nested dicts and lists) moved without waiting: Trainer's own `.to(device)` blocks the host
@@ -123,26 +96,6 @@ def _to_device(data, device):
     if isinstance(data, (list, tuple)):
         return type(data)(_to_device(v, device) for v in data)
     return data
-
-
-def _publish(staged: str, final: str) -> None:
-    """Rename a finished checkpoint folder into place (replacing one of the same step, if any).
-
-    The files are flushed to disk first, so that after a crash of the machine, not only of the process,
-    a renamed folder still holds whole files.
-    """
-    for entry in os.scandir(staged):
-        if entry.is_file():
-            with open(entry.path, "rb") as f:
-                os.fsync(f.fileno())
-    old = None
-    if os.path.exists(final):
-        old = staged + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -243,7 +196,6 @@ def plot_losses(log_history: list[dict], path: str | Path) -> Path | None:
 
 class LossPlotCallback(TrainerCallback):
     """Writes `loss.png` into the output folder when training ends (main process only)."""
-
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_losses(state.log_history, Path(args.output_dir) / LOSS_PLOT_NAME)
@@ -262,9 +214,6 @@ def load_data(config: TrainConfig, tokenizer):
 
     The tokenized rows are cached on disk (`token_cache.py`): a second run over the same file starts at once.
     """
-    from .data import ColumnMap, load_rows, split
-    from .token_cache import tokenized_rows
-
     columns = ColumnMap(config.instruction_column, config.input_column, config.output_column)
     kwargs = dict(max_length=config.max_length, template=config.template, cache=config.cache_tokenized)
     data, report = tokenized_rows(config.data, columns, tokenizer, **kwargs)
@@ -286,11 +235,6 @@ def load_data(config: TrainConfig, tokenizer):
 
 def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
     """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`."""
-    from .data import make_collator
-    from .model import get_peft_model
-    from .models import load_base
-    from .train_config import base_dtype
-
     seed = int(config.training.get("seed", 42))
     set_seed(seed)
     model, tokenizer = load_base(config.model, dtype=base_dtype(config.base_dtype))
@@ -306,8 +250,6 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         if "learning_rate" not in config.training:
             print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
     if config.compile != "false":
-        from .backbone import compile_layers
-
         skipped = compile_layers(model)
         if args.should_log:
             if skipped is None:
@@ -334,9 +276,6 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     The rows per step (`per_device_train_batch_size x gradient_accumulation_steps`), and so the number of
     steps, the schedule and the order of rows, stay what the user asked for.
     """
-    from .backbone import check_packable
-    from .packing import PackingCollator, PromptWidths
-
     check_packable(model.base_model)
     widths = PromptWidths.of(model)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -381,8 +320,6 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
 
 def sample_answers(model, tokenizer, tokenized, n: int, template: str) -> list[tuple[str, str, str]]:
     """Greedy answers to the first `n` validation prompts (recovered from their token ids)."""
-    from .evaluate import generate_answers
-
     rows = tokenized.select(range(min(n, len(tokenized))))
     prompts, references = [], []
     for ids, labels in zip(rows["input_ids"], rows["labels"]):

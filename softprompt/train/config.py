@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from .config import PromptLearningConfig
-from .p_tuning import PromptEncoderConfig
-from .prefix_tuning import PrefixTuningConfig
-from .prompt_tuning import PromptTuningConfig, PromptTuningInit
+from softprompt.methods.config import PromptLearningConfig
+from softprompt.methods.p_tuning import PromptEncoderConfig
+from softprompt.methods.prefix_tuning import PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 METHODS: dict[str, type[PromptLearningConfig]] = {
     "prompt_tuning": PromptTuningConfig,

@@ -19,15 +19,16 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import files
-from .adapter import PromptAdapter
-from .backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
-from .cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
-from .config import ModelShape, PromptLearningConfig
-from .layout import Arranged, arrange
+from softprompt.core.generation import generate
+from softprompt.core.layout import Arranged, arrange
+from softprompt.hf.backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
+from softprompt.hf.cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
+from softprompt.hf.checkpointing import keep_prefix_cache
+from softprompt.io import files
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import ModelShape, PromptLearningConfig
 
 ENCODER_PREFIX = "prompt_encoder."
 
@@ -157,16 +158,7 @@ class PeftModel(PreTrainedModel):
         # Reentrant checkpointing only back-propagates if a layer input needs grad; the prefix comes in
         # through the cache, so make the text embeddings require grad (cheap: no weight grads).
         base.enable_input_require_grads()
-        # transformers drops the cache of checkpointed layers unless they declare they only read it; ours
-        # does (FrozenPrefixCache never stores: the backward replay sees the same keys), and decoding runs
-        # without grad, where layers are not checkpointed. The layers checkpoint themselves; a flag left on
-        # the backbone only drops the cache (GPT-2) or use_cache, so it is cleared.
-        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for module in base.modules():
-            if isinstance(module, GradientCheckpointingLayer):
-                module._can_checkpoint_with_cache = True
-            elif layers and getattr(module, "gradient_checkpointing", False):
-                module.gradient_checkpointing = False
+        keep_prefix_cache(base)  # the checkpointed layers would drop our prefix cache otherwise
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
@@ -370,8 +362,6 @@ class PeftModel(PreTrainedModel):
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, adapter_names=None, **kwargs) -> torch.Tensor:
-        from .generation import generate
-
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, adapter_names=adapter_names, **kwargs)
 
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_trainer_kwargs) -> None:

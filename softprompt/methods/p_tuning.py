@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import PromptAdapter, register
-from .config import ModelShape, PromptLearningConfig, check_positive_int, coerce_enum
+from softprompt.methods.adapter import PromptAdapter, register
+from softprompt.methods.config import ModelShape, PromptLearningConfig, check_positive_int, coerce_enum
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):

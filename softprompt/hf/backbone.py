@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import accepts, cache_kwarg
+from softprompt.hf.cache import accepts, cache_kwarg
 
 
 def sliding_window(config) -> int | None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import PromptAdapter, register
-from .config import ModelShape, PromptLearningConfig, check_positive_int
+from softprompt.methods.adapter import PromptAdapter, register
+from softprompt.methods.config import ModelShape, PromptLearningConfig, check_positive_int
 
 
 @register

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import datasets
 
-from .data import ColumnMap, DataReport, load_rows, tokenize
+from softprompt.data.rows import ColumnMap, DataReport, load_rows, tokenize
+from softprompt.io.base_models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ def tokenized_rows(path: str | Path, columns: ColumnMap, tokenizer, max_length: 
     """`tokenize(load_rows(path))`, from the cache when the same file was tokenized the same way before."""
     if not cache or not Path(path).exists():  # load_rows names a missing file
         return tokenize(load_rows(path, columns), tokenizer, max_length=max_length, template=template)
-    from .models import cache_root
-
     folder = cache_root() / "tokenized" / _key(path, columns, tokenizer, max_length, template)
     if (folder / "report.json").is_file():
         try:

@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import PromptAdapter, config_class_for
-from .config import ModelShape, PromptLearningConfig
+from softprompt.methods.adapter import PromptAdapter, config_class_for
+from softprompt.methods.config import ModelShape, PromptLearningConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

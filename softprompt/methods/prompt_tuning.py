@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import PromptAdapter, register
-from .config import ModelShape, PromptLearningConfig, coerce_enum
+from softprompt.methods.adapter import PromptAdapter, register
+from softprompt.methods.config import ModelShape, PromptLearningConfig, coerce_enum
 
 
 class PromptTuningInit(str, enum.Enum):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import alpaca_prompt
+from softprompt.data.rows import alpaca_prompt, make_collator, tokenize
 
 
 def prompt_text(tokenizer, template: str, instruction: str, input: str = "", history: list[tuple[str, str]] | None = None) -> str:
@@ -136,8 +136,6 @@ def evaluate(
     """Score `model` (a softprompt PeftModel, or a plain causal LM) on Alpaca rows (a `datasets.Dataset`
     or a list of dicts with instruction / input / output)."""
     import datasets
-
-    from .data import make_collator, tokenize
 
     if isinstance(rows, list):
         rows = datasets.Dataset.from_list(rows)
