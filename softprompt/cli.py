@@ -69,12 +69,14 @@ def _seed(seed: int | None) -> None:
 # -- subcommands ----------------------------------------------------------------------------------
 def train_command(config: str | None, overrides: list[str]) -> int:
     """Train an adapter from a YAML config plus `--key value` overrides."""
-    from softprompt.train.trainer import train
     from softprompt.train.config import TrainConfig, parse_overrides
 
     values = parse_overrides(overrides)
     num_samples = int(values.pop("num_samples", 3))
-    train(TrainConfig.load(config, values), num_samples=num_samples)
+    run = TrainConfig.load(config, values)  # every key checked, the method's config built: no model loaded yet
+    from softprompt.train.trainer import train
+
+    train(run, num_samples=num_samples)
     return 0
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,18 @@ def test_train_errors_are_clear(workspace, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["train", str(workspace / "train.yaml"), "--data", str(workspace / "nope.jsonl")]) == 2
     assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_a_bad_method_option_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """The method's config is built when the run config is read: no model, no data, well under 2 seconds."""
+    import softprompt.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    start = time.perf_counter()
+    args = ["train", "--data", str(tmp_path / "x.jsonl"), "--method", "p_tuning", "--encoder_dropout", "2"]
+    assert main(args) == 2
+    assert time.perf_counter() - start < 2.0
+    assert "encoder_dropout=2.0 is not valid; it must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_train_stops_when_most_rows_are_bad(workspace, capsys):

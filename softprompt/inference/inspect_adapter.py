@@ -75,8 +75,8 @@ def inspect_adapter(folder: str | Path, model: str | None = None, top_k: int = 5
         with safe_open(str(folder / STATE_NAME), framework="pt") as f:
             trainable = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     report = AdapterReport(str(folder), raw_config, files, tuple(exported.shape), exported.numel(), trainable)
-    if config.peft_type == "PREFIX_TUNING":
-        report.note = "prefix tuning learns keys and values inside attention, not word embeddings: no nearest tokens"
+    if not config.prompt_in_vocabulary:
+        report.note = f"{config.method_name()} learns keys and values inside attention, not word embeddings: no nearest tokens"
         return report
     source = model or config.base_model_name_or_path
     if not source:

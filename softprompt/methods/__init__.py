@@ -3,4 +3,7 @@
 Pure torch. Importing this package registers the three methods (`peft_type -> config class`).
 """
 
-from softprompt.methods import p_tuning, prefix_tuning, prompt_tuning  # noqa: F401  (registers the methods)
+# registered in this order (the order `softprompt train` lists them in)
+from softprompt.methods import prompt_tuning  # noqa: F401, I001
+from softprompt.methods import p_tuning  # noqa: F401
+from softprompt.methods import prefix_tuning  # noqa: F401

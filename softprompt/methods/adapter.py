@@ -80,6 +80,11 @@ def register(config_class: type[PromptLearningConfig]) -> type[PromptLearningCon
     return config_class
 
 
+def methods() -> dict[str, type[PromptLearningConfig]]:
+    """Every registered method by the name `softprompt train` takes (`prompt_tuning`), in registration order."""
+    return {cls.method_name(): cls for cls in _REGISTRY.values()}
+
+
 def config_class_for(peft_type: str) -> type[PromptLearningConfig]:
     if peft_type not in _REGISTRY:
         allowed = ", ".join(sorted(_REGISTRY))

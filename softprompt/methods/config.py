@@ -79,11 +79,20 @@ class ModelShape:
         return cls(hidden, layers, heads, kv_heads, head_dim, first("vocab_size") or 0)
 
 
+DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
+
+
 @dataclass(frozen=True)
 class PromptLearningConfig:
     """Fields common to Prompt Tuning, P-Tuning and Prefix-Tuning (peft's names and defaults)."""
 
     peft_type: ClassVar[str] = ""
+    # What the rest of softprompt asks of a method, declared here so that no one branches on its name:
+    # the learning rate a run uses when the user gives none (the best of a sweep on the demo data with
+    # SmolLM2-135M, AdamW, linear decay; docs/TRAINING.md; Trainer's 5e-5 barely moves a soft prompt), and
+    # whether the prompt lives in the word-embedding space (so that its nearest vocabulary tokens mean something).
+    learning_rate: ClassVar[float] = 1e-2
+    prompt_in_vocabulary: ClassVar[bool] = True
 
     num_virtual_tokens: int | None = None
     task_type: TaskType | str | None = TaskType.CAUSAL_LM
@@ -120,6 +129,23 @@ class PromptLearningConfig:
             value = getattr(self, name)
             if value is not None:
                 check_positive_int(value, name)
+
+    @classmethod
+    def method_name(cls) -> str:
+        """The name `softprompt train` takes (`method: p_tuning`): peft's type in lower case."""
+        return cls.peft_type.lower()
+
+    @classmethod
+    def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptLearningConfig":
+        """The config a training run builds from the user's keys (`num_virtual_tokens` defaults to
+        `DEFAULT_NUM_VIRTUAL_TOKENS`). `tokenizer` is None when the run config is first read, before any model
+        is loaded: the config is then checked, and built again with the tokenizer where a method needs it."""
+        kwargs = dict(keys)
+        kwargs.setdefault("num_virtual_tokens", DEFAULT_NUM_VIRTUAL_TOKENS)
+        return cls(base_model_name_or_path=model, **kwargs)
+
+    def default_learning_rate(self) -> float:
+        return self.learning_rate
 
     def resolve(self, shape: ModelShape) -> "PromptLearningConfig":
         """This config with the model-dependent fields filled from `shape` (peft's rules)."""

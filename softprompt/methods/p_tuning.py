@@ -27,6 +27,7 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
 @dataclass(frozen=True)
 class PromptEncoderConfig(PromptLearningConfig):
     peft_type = "P_TUNING"
+    learning_rate = 1e-2
 
     encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP
     encoder_hidden_size: int | None = None

@@ -24,6 +24,8 @@ from softprompt.methods.config import ModelShape, PromptLearningConfig, check_po
 @dataclass(frozen=True)
 class PrefixTuningConfig(PromptLearningConfig):
     peft_type = "PREFIX_TUNING"
+    learning_rate = 3e-2
+    prompt_in_vocabulary = False  # keys and values inside attention, not word embeddings
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
@@ -37,6 +39,9 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ValueError(f"prefix_projection={self.prefix_projection!r} is not valid; it must be true or false")
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
+
+    def default_learning_rate(self) -> float:
+        return 1e-3 if self.prefix_projection else self.learning_rate  # the projection MLP needs a much smaller rate
 
     def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
         # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,

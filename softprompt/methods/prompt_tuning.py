@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ class PromptTuningInit(str, enum.Enum):
 @dataclass(frozen=True)
 class PromptTuningConfig(PromptLearningConfig):
     peft_type = "PROMPT_TUNING"
+    learning_rate = 3e-1
 
     prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
     prompt_tuning_init_text: str | None = None
@@ -45,6 +47,18 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} is not valid; it must be a dict")
         if self.tokenizer_kwargs and init is not PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+
+    @classmethod
+    def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
+        """TEXT init: the tokenizer is the base model's, and with no num_virtual_tokens there is one virtual
+        token per token of the text (the seed's script)."""
+        kwargs = dict(keys)
+        if str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value):
+            kwargs.setdefault("tokenizer_name_or_path", model)
+            text = kwargs.get("prompt_tuning_init_text")
+            if "num_virtual_tokens" not in kwargs and text and tokenizer is not None:
+                kwargs["num_virtual_tokens"] = len(tokenizer(text)["input_ids"])
+        return super().for_training(kwargs, model, tokenizer)
 
     def build(self, shape: ModelShape, word_embeddings: nn.Embedding, tokenizer=None) -> "PromptEmbedding":
         return PromptEmbedding(self, shape, word_embeddings, tokenizer)

@@ -20,29 +20,12 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+from softprompt.methods.adapter import methods
 from softprompt.methods.config import PromptLearningConfig
-from softprompt.methods.p_tuning import PromptEncoderConfig
-from softprompt.methods.prefix_tuning import PrefixTuningConfig
-from softprompt.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
-METHODS: dict[str, type[PromptLearningConfig]] = {
-    "prompt_tuning": PromptTuningConfig,
-    "p_tuning": PromptEncoderConfig,
-    "prefix_tuning": PrefixTuningConfig,
-}
-
-# Learning rates that train each method well when the user gives none: the best of a sweep on the demo
-# data with SmolLM2-135M, AdamW and linear decay (docs/TRAINING.md has the numbers). Trainer's 5e-5
-# barely moves a soft prompt. Prefix tuning with the projection MLP needs a much smaller rate.
-DEFAULT_LEARNING_RATES = {"prompt_tuning": 3e-1, "p_tuning": 1e-2, "prefix_tuning": 3e-2}
-PREFIX_PROJECTION_LEARNING_RATE = 1e-3
-
-
-def default_learning_rate(method: str, peft: dict[str, Any]) -> float:
-    if method == "prefix_tuning" and peft.get("prefix_projection"):
-        return PREFIX_PROJECTION_LEARNING_RATE
-    return DEFAULT_LEARNING_RATES[method]
-DEFAULT_NUM_VIRTUAL_TOKENS = 10
+METHODS: dict[str, type[PromptLearningConfig]] = methods()  # prompt_tuning, p_tuning, prefix_tuning
+# Each method's learning rate when the user gives none (a method may refine it: prefix tuning's projection)
+DEFAULT_LEARNING_RATES = {name: cls.learning_rate for name, cls in METHODS.items()}
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the seed's P-Tuning and prefix scripts
 
 # Config fields that softprompt sets itself (or that causal LMs fix); not user keys.
@@ -86,6 +69,8 @@ class TrainConfig:
     cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # The method's config, built (and so checked) when the run config is read, before any model is loaded
+    method_config: PromptLearningConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -124,13 +109,14 @@ class TrainConfig:
                 )
         if "output_dir" not in self.training:
             raise ValueError("output_dir is required (TrainConfig.from_mapping sets a default)")
+        object.__setattr__(self, "method_config", METHODS[self.method].for_training(self.peft, self.model))
 
     # -- building ---------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
         """Sort a flat mapping into softprompt's keys, the method's and TrainingArguments'."""
         values = dict(values)
-        own = {f.name for f in dataclasses.fields(cls)} - {"peft", "training"}
+        own = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft", "training"}
         method = _method_name(values.get("method", "prompt_tuning"))
         values["method"] = method
         unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in TRAINING_KEYS]
@@ -149,7 +135,7 @@ class TrainConfig:
             raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or "
                              "save_to_disk folder (in the YAML config or as --data PATH)")
         mine = {k: _coerce(k, v, _type_of(cls, k)) for k, v in values.items() if k in own}
-        peft = {k: _coerce(k, v, _type_of(METHODS.get(method, PromptTuningConfig), k))
+        peft = {k: _coerce(k, v, _type_of(METHODS[method], k))
                 for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
         training = {k: _coerce(k, v, _type_of(TrainingArguments, k)) for k, v in values.items() if k in TRAINING_KEYS}
         training.setdefault("output_dir", str(Path("runs") / method))
@@ -175,18 +161,19 @@ class TrainConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         """The flat mapping again (what `softprompt_train.yaml` in the output folder holds)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("peft", "training")}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.init and f.name not in ("peft", "training")}
         return {**out, **self.peft, **self.training}
 
     # -- what the run uses ------------------------------------------------------------------------
     @property
     def learning_rate(self) -> float:
-        return float(self.training.get("learning_rate", default_learning_rate(self.method, self.peft)))
+        return float(self.training.get("learning_rate", self.method_config.default_learning_rate()))
 
     def training_arguments(self, has_eval: bool) -> TrainingArguments:
         """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them)."""
         args: dict[str, Any] = {
-            "learning_rate": default_learning_rate(self.method, self.peft),
+            "learning_rate": self.method_config.default_learning_rate(),
             "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
             "report_to": "none",
             "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step
@@ -212,21 +199,9 @@ class TrainConfig:
         return TrainingArguments(**args)
 
     def peft_config(self, tokenizer) -> PromptLearningConfig:
-        """The method's config; with TEXT init and no num_virtual_tokens, one virtual token per init token (the seed)."""
-        kwargs = dict(self.peft)
-        cls = METHODS[self.method]
-        if "num_virtual_tokens" not in kwargs:
-            text = kwargs.get("prompt_tuning_init_text")
-            text_init = str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value)
-            if self.method == "prompt_tuning" and text_init and text:
-                kwargs["num_virtual_tokens"] = len(tokenizer(text)["input_ids"])
-            else:
-                kwargs["num_virtual_tokens"] = DEFAULT_NUM_VIRTUAL_TOKENS
-        if self.method == "prompt_tuning" and "tokenizer_name_or_path" not in kwargs:
-            text_init = str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value)
-            if text_init:
-                kwargs["tokenizer_name_or_path"] = self.model
-        return cls(base_model_name_or_path=self.model, **kwargs)
+        """The method's config, built again with the base model's tokenizer (prompt tuning's TEXT init counts
+        the text's tokens: one virtual token per token when num_virtual_tokens is not given, as the seed)."""
+        return METHODS[self.method].for_training(self.peft, self.model, tokenizer)
 
 
 def _has_accelerator() -> bool:
