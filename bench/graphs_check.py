@@ -3,7 +3,7 @@
 Small random models of five families in float32 on CUDA (where greedy answers are exact, not bf16-rounded),
 mixed adapters of all three methods, 40 requests of different lengths through an engine of 16 slots and a
 context of 320 tokens, so that steps run at many batch buckets and at the width buckets 64 to 320.
-CPU tests cover the same step replayed eagerly (tests/test_serve_graphs.py); this is the capture itself.
+CPU tests cover the same step replayed eagerly (tests/serve/test_serve_graphs.py); this is the capture itself.
 
     python bench/graphs_check.py        # CUDA only; writes $OUT/graphs_check.json (or ./graphs_check.json)
 """

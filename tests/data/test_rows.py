@@ -22,7 +22,7 @@ from softprompt.data.rows import (
 
 datasets.disable_progress_bars()
 
-SHARED = Path(__file__).parents[2] / "shared"  # the shared folder beside the repo checkout
+SHARED = Path(__file__).parents[3] / "shared"  # the shared folder beside the repo checkout
 ZH_DEMO = SHARED / "data/llama-factory/alpaca_zh_demo.json"
 EN_DEMO = SHARED / "data/llama-factory/alpaca_en_demo.json"
 ZH_52K = SHARED / "data/alpaca-chinese-dataset/alpaca_chinese_52k.jsonl.gz"
