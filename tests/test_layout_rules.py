@@ -184,3 +184,15 @@ def test_no_branch_on_a_methods_name_outside_the_method_files():
                     if getattr(kind, "id", None) in classes:
                         wrong.append(f"{name}:{node.lineno} {node.func.id}(..., {kind.id})")
     assert not wrong, "branches on a method outside softprompt/methods/ (declare it on the method):\n" + "\n".join(wrong)
+
+
+def test_only_the_public_names_import_a_method_file():
+    """The centre works through the interface and the registry (`methods/adapter.py`, `methods/config.py`);
+    only `softprompt/__init__.py` (peft's names) imports a method's own file."""
+    from softprompt.methods.adapter import methods
+
+    files = {cls.__module__ for cls in methods().values()}
+    wrong = [f"{name}:{line} imports {target}" for name, tree in modules().items()
+             if layer(name) != "methods" and name != "softprompt"
+             for target, line in imported(name, tree) if target in files]
+    assert not wrong, "\n".join(wrong)

@@ -45,6 +45,13 @@ class PeftModel(PreTrainedModel):
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, peft_config, tokenizer=tokenizer)
 
+    @classmethod
+    def empty(cls, model: nn.Module) -> "PeftModel":
+        """`model` frozen and wrapped with no adapter yet (a server adds adapters as they are loaded)."""
+        wrapper = cls.__new__(cls)
+        wrapper._wrap(model)
+        return wrapper
+
     def _wrap(self, model: nn.Module) -> None:
         """Freeze `model` and hold it, with an empty adapter bank."""
         nn.Module.__init__(self)  # not PreTrainedModel.__init__: see the module docstring

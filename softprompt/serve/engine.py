@@ -28,9 +28,7 @@ from collections.abc import Callable, Sequence as Seq
 import torch
 from transformers import DynamicCache
 
-from softprompt.core.model import PeftModel, get_peft_model
 from softprompt.hf.cache import accepts, cache_kwarg, output_cache
-from softprompt.methods.prompt_tuning import PromptTuningConfig
 from softprompt.serve.graphs import DecodeGraphs
 from softprompt.serve.kv import SlotCache, SlotStore
 from softprompt.serve.params import SamplingParams
@@ -292,13 +290,6 @@ class Engine:
                     self._emit(seq, seq.fail("error", message))
             self.scheduler.waiting.clear()
             self.scheduler.running.clear()
-
-
-def empty_peft_model(base) -> PeftModel:
-    """A `PeftModel` holding no adapter yet (the wrapper is built with one, which is removed at once)."""
-    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=1), adapter_name="_placeholder")
-    model.delete_adapter("_placeholder")
-    return model.eval()
 
 
 def _context_limit(config, requested: int | None) -> int:

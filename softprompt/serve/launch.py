@@ -12,9 +12,10 @@ import sys
 
 import torch
 
+from softprompt.core.model import PeftModel
 from softprompt.io.base_models import load_base
 from softprompt.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
-from softprompt.serve.engine import Engine, empty_peft_model
+from softprompt.serve.engine import Engine
 from softprompt.serve.protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
 from softprompt.serve.registry import AdapterRegistry
 
@@ -43,7 +44,7 @@ def build_server(
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not valid; use auto, float32, bfloat16 or float16")
     base, tokenizer = load_base(model, dtype=torch_dtype, device=device)
-    engine = Engine(empty_peft_model(base), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+    engine = Engine(PeftModel.empty(base).eval(), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     cuda_graphs=cuda_graphs)
     engine.warm_up()
     name = served_model_name or model

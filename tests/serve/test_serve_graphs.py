@@ -20,7 +20,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 import softprompt as sp
 from softprompt.hf.masks import capturable_masks, eager_mask
 from softprompt.serve import Engine, SamplingParams
-from softprompt.serve.engine import empty_peft_model
 from softprompt.serve.graphs import DecodeGraphs, buckets, widths
 
 
@@ -68,7 +67,7 @@ def test_eager_mask_equals_transformers_and_is_restored():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decode_forward_has_no_host_round_trip(family, monkeypatch):
     base = make_base(family).eval()
-    model = empty_peft_model(base)
+    model = sp.PeftModel.empty(base).eval()
     model.add_adapter("prefix", sp.PrefixTuningConfig(num_virtual_tokens=1))
     model.add_adapter("prompt", sp.PromptTuningConfig(num_virtual_tokens=1))
     engine = graph_engine(model, max_num_seqs=4, eos_token_ids=[])  # mistral: 3 tokens of context (window 8)
