@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 
-from softprompt.hf.cache import accepts, cache_kwarg, output_cache
+from softprompt.hf.cache import accepts, cache_kwarg, empty_cache, output_cache
 from softprompt.hf.generation import eos_tensor, logits_processors, resolve_generation_config
 
 
@@ -75,9 +75,7 @@ def generate(model, input_ids=None, attention_mask=None, adapter_names=None, inp
     if config.use_cache:
         arranged, cache = model.prepare(input_ids, attention_mask, inputs_embeds, None, names, frozen_cache=False)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
+            cache = empty_cache(model.config)
         kw = model.base_kwargs(arranged, cache)
         if accepts(base, "logits_to_keep"):
             kw["logits_to_keep"] = 1

@@ -28,6 +28,11 @@ class FrozenPrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
+def empty_cache(model_config) -> DynamicCache:
+    """A cache for decoding with no prefix (`config=` so that sliding-window layers are built as such)."""
+    return DynamicCache(config=model_config)
+
+
 def build_prefix_cache(model_config, key_values: torch.Tensor, *, frozen: bool) -> DynamicCache:
     """A cache holding `key_values` `(layers, 2, B, kv_heads, P, head_dim)` as every layer's past.
 

@@ -26,9 +26,8 @@ import threading
 from collections.abc import Callable, Sequence as Seq
 
 import torch
-from transformers import DynamicCache
 
-from softprompt.hf.cache import accepts, cache_kwarg, output_cache
+from softprompt.hf.cache import accepts, cache_kwarg, empty_cache, output_cache
 from softprompt.serve.graphs import DecodeGraphs
 from softprompt.serve.kv import SlotCache, SlotStore
 from softprompt.serve.params import SamplingParams
@@ -228,7 +227,7 @@ class Engine:
             mask[i, L - len(s.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         arranged, cache = self.model.prepare(ids, mask, None, None, [s.adapter for s in seqs], frozen_cache=False)
-        kwargs = self.model.base_kwargs(arranged, cache if cache is not None else DynamicCache(config=self.model.config))
+        kwargs = self.model.base_kwargs(arranged, cache if cache is not None else empty_cache(self.model.config))
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.base(**kwargs, use_cache=True)
