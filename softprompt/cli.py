@@ -85,7 +85,8 @@ def generate_command(
     max_new_tokens: int, seed: int | None, generation: dict,
 ) -> int:
     """Answer each prompt (an instruction, put into the template the adapter was trained with)."""
-    from softprompt.inference.evaluate import generate_answers, prompt_text
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
 
     if not prompts:
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -109,7 +110,8 @@ def chat_command(
     seed: int | None, generation: dict,
 ) -> int:
     """A conversation on the terminal (or piped standard input): /reset forgets it, /exit or end of input ends it."""
-    from softprompt.inference.evaluate import generate_answers, prompt_text
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
 
     lm, tokenizer, trained_template = load_for_inference(adapter, model)
     template = template or trained_template

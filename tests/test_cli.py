@@ -95,7 +95,8 @@ def test_generate_greedy_and_sampled(workspace, capsys):
 
 
 def test_eval_reports_loss_perplexity_and_exact_match(workspace, capsys):
-    from softprompt.inference.evaluate import generate_answers, prompt_text
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
     from softprompt.core.model import PeftModel
     from softprompt.io.base_models import load_base
 

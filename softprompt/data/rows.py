@@ -34,6 +34,8 @@ import datasets
 import pyarrow as pa
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from softprompt.data.templates import training_texts
+
 logger = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output")
@@ -284,11 +286,6 @@ def _source_of(dataset: datasets.Dataset) -> str:
 
 # ---- tokenizing -------------------------------------------------------------------------------------
 
-def alpaca_prompt(instruction: str, input: str) -> str:
-    """The seed's prompt, exactly: the model answers after "Assistant: "."""
-    return "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
-
-
 def _row_problem(instruction: Any, input: Any, output: Any) -> str | None:
     for name, value in (("instruction", instruction), ("input", input), ("output", output)):
         if value is None and name != "input":
@@ -298,21 +295,6 @@ def _row_problem(instruction: Any, input: Any, output: Any) -> str | None:
     if not output.strip():
         return "output is empty"
     return None
-
-
-def _texts(
-    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str, output: str
-) -> tuple[str, str]:
-    """(prompt, response) as text: the prompt's tokens are masked from the loss, the response's learned."""
-    if template == "alpaca":
-        return alpaca_prompt(instruction, input), output + tokenizer.eos_token
-    user = {"role": "user", "content": (instruction + "\n" + input).strip()}
-    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template([user, {"role": "assistant", "content": output}], tokenize=False)
-    if not whole.startswith(prompt):
-        raise ValueError("the tokenizer's chat template does not render the prompt as the start of the "
-                         "conversation, so the assistant's tokens cannot be told apart; use template='alpaca'")
-    return prompt, whole[len(prompt):]
 
 
 def tokenize(
@@ -357,7 +339,7 @@ def tokenize(
         inputs = batch["input"] if "input" in batch else [None] * size
         problems = [_row_problem(*row) for row in zip(batch["instruction"], inputs, batch["output"])]
         good = [i for i in range(size) if problems[i] is None]
-        texts = [_texts(tokenizer, template, batch["instruction"][i], inputs[i] or "", batch["output"][i])
+        texts = [training_texts(tokenizer, template, batch["instruction"][i], inputs[i] or "", batch["output"][i])
                  for i in good]
         # One batched call into the fast tokenizer does the work (prompts and responses apart, as the
         # seed); the rest is list arithmetic.

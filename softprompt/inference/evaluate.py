@@ -14,23 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.data.rows import alpaca_prompt, make_collator, tokenize
-
-
-def prompt_text(tokenizer, template: str, instruction: str, input: str = "", history: list[tuple[str, str]] | None = None) -> str:
-    """The text a model trained with `template` answers after: the seed's Human/Assistant prompt, or the
-    tokenizer's chat template. `history` holds earlier (user, assistant) turns of a conversation."""
-    history = history or []
-    if template == "alpaca":
-        turns = [alpaca_prompt(q, "") + a for q, a in history]
-        return "\n".join(turns + [alpaca_prompt(instruction, input)])
-    if template == "chat":
-        messages = []
-        for q, a in history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": (instruction + "\n" + input).strip()})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"template={template!r} is not valid; allowed values: 'alpaca', 'chat'")
+from softprompt.data.rows import make_collator, tokenize
+from softprompt.data.templates import prompt_text
 
 
 def _left_padded(tokenizer):

@@ -17,8 +17,9 @@ from transformers import PreTrainedTokenizerFast
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from softprompt.data.rows import (
-    ColumnMap, DataError, DataReport, alpaca_prompt, load_rows, make_collator, split, tokenize,
+    ColumnMap, DataError, DataReport, load_rows, make_collator, split, tokenize,
 )
+from softprompt.data.templates import alpaca_prompt
 
 datasets.disable_progress_bars()
 
