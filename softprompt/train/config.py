@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from transformers import TrainingArguments
 
 from softprompt.methods.adapter import methods
 from softprompt.methods.config import PromptLearningConfig
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 METHODS: dict[str, type[PromptLearningConfig]] = methods()  # prompt_tuning, p_tuning, prefix_tuning
 # Each method's learning rate when the user gives none (a method may refine it: prefix tuning's projection)
@@ -40,7 +43,20 @@ def method_keys(method: str) -> list[str]:
 
 
 ALL_METHOD_KEYS = sorted({k for m in METHODS for k in method_keys(m)})
-TRAINING_KEYS = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+
+
+@functools.cache
+def _training_arguments() -> type[TrainingArguments]:
+    """transformers' `TrainingArguments`, imported when first needed: the import takes seconds (accelerate,
+    the Trainer's modules), and a bad method option is refused before it."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+@functools.cache
+def training_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(_training_arguments()) if f.init]
 
 
 @dataclass(frozen=True)
@@ -119,9 +135,15 @@ class TrainConfig:
         own = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft", "training"}
         method = _method_name(values.get("method", "prompt_tuning"))
         values["method"] = method
-        unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in TRAINING_KEYS]
+        peft = {k: _coerce(k, v, _type_of(METHODS[method], k))
+                for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
+        # The method's own options first: they need neither a model nor transformers' TrainingArguments
+        mine_only = set(method_keys(method))
+        METHODS[method].for_training({k: v for k, v in peft.items() if k in mine_only},
+                                     str(values.get("model", cls.model)))
+        unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in training_keys()]
         if unknown:
-            known = sorted(own) + ALL_METHOD_KEYS + TRAINING_KEYS
+            known = sorted(own) + ALL_METHOD_KEYS + training_keys()
             hints = []
             for k in unknown:
                 near = difflib.get_close_matches(k, known, n=3, cutoff=0.6)
@@ -135,9 +157,8 @@ class TrainConfig:
             raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or "
                              "save_to_disk folder (in the YAML config or as --data PATH)")
         mine = {k: _coerce(k, v, _type_of(cls, k)) for k, v in values.items() if k in own}
-        peft = {k: _coerce(k, v, _type_of(METHODS[method], k))
-                for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
-        training = {k: _coerce(k, v, _type_of(TrainingArguments, k)) for k, v in values.items() if k in TRAINING_KEYS}
+        training = {k: _coerce(k, v, _type_of(_training_arguments(), k))
+                    for k, v in values.items() if k in training_keys()}
         training.setdefault("output_dir", str(Path("runs") / method))
         return cls(peft=peft, training=training, **mine)
 
@@ -196,7 +217,7 @@ class TrainConfig:
             args["eval_strategy"] = args.get("save_strategy", "steps")
             if "eval_steps" not in self.training and "save_steps" in self.training:
                 args["eval_steps"] = self.training["save_steps"]
-        return TrainingArguments(**args)
+        return _training_arguments()(**args)
 
     def peft_config(self, tokenizer) -> PromptLearningConfig:
         """The method's config, built again with the base model's tokenizer (prompt tuning's TEXT init counts
