@@ -58,6 +58,7 @@ def configs(lib, tokenizer_dir: str):
 @pytest.mark.parametrize("variant", ["prompt_tuning_text", "p_tuning_lstm", "prefix_projection"])
 def test_real_model_matches_peft_and_round_trips(real, variant, tmp_path):
     model, tokenizer, batch = real
+    torch.manual_seed(0)  # the adapters' random init, whatever ran before (the file check depends on it)
     tokenizer_dir = str(tmp_path / "tok")
     tokenizer.save_pretrained(tokenizer_dir)
     theirs = peft.get_peft_model(copy.deepcopy(model), configs(peft, tokenizer_dir)[variant])
@@ -83,8 +84,9 @@ def test_real_model_matches_peft_and_round_trips(real, variant, tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "adapter")).double().eval()
     with torch.no_grad():
         one = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items() if k != "labels"}
-        # The file holds fp32 prompt embeddings (peft's format): agreement to fp32 rounding of the prompt.
-        torch.testing.assert_close(ours(**one).logits, loaded(**one).logits, atol=1e-4, rtol=1e-5)
+        # The file holds fp32 prompt embeddings (peft's format): agreement to fp32 rounding of the prompt, which
+        # 30 layers move by up to ~1e-3 (see `real`); 1e-4 held only for some random prompts.
+        torch.testing.assert_close(ours(**one).logits, loaded(**one).logits, atol=3e-3, rtol=1e-5)
         # Greedy: ours (with its KV cache) equals a greedy loop over peft's forward.
         got = ours.generate(**one, max_new_tokens=8, do_sample=False)
         ids = one["input_ids"]
