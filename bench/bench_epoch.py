@@ -32,8 +32,8 @@ from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Co
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from softprompt.train import build_trainer  # noqa: E402
-from softprompt.train_config import TrainConfig  # noqa: E402
+from softprompt.train.config import TrainConfig  # noqa: E402
+from softprompt.train.trainer import build_trainer  # noqa: E402
 
 ROWS = 52002
 PEAK = 790e12
@@ -146,8 +146,8 @@ def peft_run(method: str, model_dir: Path, data: str, out: Path, steps: int, dty
     import peft
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from softprompt.data import ColumnMap
-    from softprompt.token_cache import tokenized_rows
+    from softprompt.data.rows import ColumnMap
+    from softprompt.data.token_cache import tokenized_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows, _ = tokenized_rows(data, ColumnMap(), tokenizer, 256, "alpaca")

@@ -33,7 +33,6 @@ from transformers import AutoModelForCausalLM, BloomConfig, Qwen2Config
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import softprompt as sp  # noqa: E402
 from softprompt.serve import Engine, SamplingParams  # noqa: E402
-from softprompt.serve.engine import empty_peft_model  # noqa: E402
 
 PEFT_TOKENS_PER_S = 381.0  # peft 0.21.2, H200, 8 adapters x 8 requests in per-adapter batches
 SHAPES = {
@@ -60,7 +59,7 @@ def build(shape: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
-    model = empty_peft_model(base.eval())
+    model = sp.PeftModel.empty(base.eval()).eval()
     for name, make in EIGHT.items():
         model.add_adapter(name, make())
     return freeze(model)

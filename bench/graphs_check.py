@@ -3,7 +3,7 @@
 Small random models of five families in float32 on CUDA (where greedy answers are exact, not bf16-rounded),
 mixed adapters of all three methods, 40 requests of different lengths through an engine of 16 slots and a
 context of 320 tokens, so that steps run at many batch buckets and at the width buckets 64 to 320.
-CPU tests cover the same step replayed eagerly (tests/test_serve_graphs.py); this is the capture itself.
+CPU tests cover the same step replayed eagerly (tests/serve/test_serve_graphs.py); this is the capture itself.
 
     python bench/graphs_check.py        # CUDA only; writes $OUT/graphs_check.json (or ./graphs_check.json)
 """
@@ -20,7 +20,6 @@ import transformers
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import softprompt as sp  # noqa: E402
 from softprompt.serve import Engine, SamplingParams  # noqa: E402
-from softprompt.serve.engine import empty_peft_model  # noqa: E402
 
 COMMON = dict(vocab_size=500, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 FAMILIES = {
@@ -45,7 +44,7 @@ def check(family: str) -> dict:
     torch.manual_seed(0)
     with torch.device("cuda"):
         base = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
-        model = empty_peft_model(base)
+        model = sp.PeftModel.empty(base).eval()
         for name, make in ADAPTERS.items():
             model.add_adapter(name, make())
             for p in model.prompt_encoder[name].parameters():  # not the zero/identity start: rows must differ

@@ -3,12 +3,44 @@
 peft's names, so that `from softprompt import ...` replaces `from peft import ...` in existing scripts.
 """
 
-from .adapter import PromptAdapter
-from .config import ModelShape, PromptLearningConfig, TaskType
-from .model import PeftModel, PeftModelForCausalLM, get_peft_model
-from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
-from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from typing import TYPE_CHECKING
+
+# Imported on first use, so that `softprompt --help` and a bad `softprompt train` option answer before torch
+# and transformers' model code are loaded.
+_WHERE = {
+    "PeftModel": "softprompt.core.model", "PeftModelForCausalLM": "softprompt.core.model",
+    "get_peft_model": "softprompt.core.model", "PromptAdapter": "softprompt.methods.adapter",
+    "ModelShape": "softprompt.methods.config", "PromptLearningConfig": "softprompt.methods.config",
+    "TaskType": "softprompt.methods.config", "PromptEncoder": "softprompt.methods.p_tuning",
+    "PromptEncoderConfig": "softprompt.methods.p_tuning",
+    "PromptEncoderReparameterizationType": "softprompt.methods.p_tuning",
+    "PrefixEncoder": "softprompt.methods.prefix_tuning", "PrefixTuningConfig": "softprompt.methods.prefix_tuning",
+    "PromptEmbedding": "softprompt.methods.prompt_tuning", "PromptTuningConfig": "softprompt.methods.prompt_tuning",
+    "PromptTuningInit": "softprompt.methods.prompt_tuning",
+}
+
+if TYPE_CHECKING:
+    from softprompt.core.model import PeftModel, PeftModelForCausalLM, get_peft_model
+    from softprompt.methods.adapter import PromptAdapter
+    from softprompt.methods.config import ModelShape, PromptLearningConfig, TaskType
+    from softprompt.methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+    from softprompt.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+    from softprompt.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __version__ = "0.1.0"
 

@@ -25,9 +25,9 @@ PROG = "softprompt"
 def load_for_inference(adapter: str | None, model: str | None):
     """(model, tokenizer, template): the base model named by `model` or the adapter's config, with the
     adapter on it (inference mode) when one is given; the template the adapter was trained with."""
-    from .files import read_config
-    from .models import load_base
-    from .train import read_run_config
+    from softprompt.io.files import read_config
+    from softprompt.io.base_models import load_base
+    from softprompt.train.trainer import read_run_config
 
     template = "alpaca"
     if adapter is None:
@@ -44,7 +44,7 @@ def load_for_inference(adapter: str | None, model: str | None):
     source = model or run.get("model") or (config.base_model_name_or_path if config else None)
     if not source:
         raise ValueError(f"{adapter}: its config names no base model; pass --model")
-    from .model import PeftModel
+    from softprompt.core.model import PeftModel
 
     base, tokenizer = load_base(source)
     return PeftModel.from_pretrained(base, adapter), tokenizer, template
@@ -69,12 +69,14 @@ def _seed(seed: int | None) -> None:
 # -- subcommands ----------------------------------------------------------------------------------
 def train_command(config: str | None, overrides: list[str]) -> int:
     """Train an adapter from a YAML config plus `--key value` overrides."""
-    from .train import train
-    from .train_config import TrainConfig, parse_overrides
+    from softprompt.train.config import TrainConfig, parse_overrides
 
     values = parse_overrides(overrides)
     num_samples = int(values.pop("num_samples", 3))
-    train(TrainConfig.load(config, values), num_samples=num_samples)
+    run = TrainConfig.load(config, values)  # every key checked, the method's config built: no model loaded yet
+    from softprompt.train.trainer import train
+
+    train(run, num_samples=num_samples)
     return 0
 
 
@@ -83,7 +85,8 @@ def generate_command(
     max_new_tokens: int, seed: int | None, generation: dict,
 ) -> int:
     """Answer each prompt (an instruction, put into the template the adapter was trained with)."""
-    from .evaluate import generate_answers, prompt_text
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
 
     if not prompts:
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -107,7 +110,8 @@ def chat_command(
     seed: int | None, generation: dict,
 ) -> int:
     """A conversation on the terminal (or piped standard input): /reset forgets it, /exit or end of input ends it."""
-    from .evaluate import generate_answers, prompt_text
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
 
     lm, tokenizer, trained_template = load_for_inference(adapter, model)
     template = template or trained_template
@@ -146,8 +150,8 @@ def eval_command(
     batch_size: int, max_new_tokens: int | None, exact_match: bool, as_json: bool, show: int,
 ) -> int:
     """Loss, perplexity and exact-match accuracy of an adapter (or the bare model) on an Alpaca file."""
-    from .data import load_rows
-    from .evaluate import evaluate
+    from softprompt.data.rows import load_rows
+    from softprompt.inference.evaluate import evaluate
 
     rows = load_rows(data)
     if limit is not None:
@@ -168,7 +172,7 @@ def eval_command(
 
 def inspect_command(adapter: str, model: str | None, top_k: int, as_json: bool) -> int:
     """An adapter's config, files, parameter count and nearest vocabulary tokens."""
-    from .inspect_adapter import inspect_adapter
+    from softprompt.inference.inspect_adapter import inspect_adapter
 
     report = inspect_adapter(adapter, model=model, top_k=top_k)
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if as_json else report.text())
@@ -177,7 +181,7 @@ def inspect_command(adapter: str, model: str | None, top_k: int, as_json: bool) 
 
 def demo_command(args: argparse.Namespace) -> int:
     """Train a soft prompt on the built-in model and show exact match before and after."""
-    from . import demo
+    from softprompt import demo
 
     result = demo.run(method=args.method, n_train=args.n_train, n_eval=args.n_eval, max_steps=args.max_steps,
                       batch_size=args.batch_size, num_virtual_tokens=args.num_virtual_tokens,
@@ -204,7 +208,7 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, demo
+    from softprompt import __version__, demo
 
     parser = argparse.ArgumentParser(prog=PROG, description="Prompt Tuning, P-Tuning and Prefix-Tuning for causal LMs")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv[:1] == ["serve"]:  # the server owns its flags (softprompt/serve/launch.py)
-        from .serve.launch import main as serve_main
+        from softprompt.serve.launch import main as serve_main
 
         return serve_main(argv[1:])
     args, extra = parser.parse_known_args(argv)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.methods.adapter import methods
+
 DEFAULTS = {
     "method": "p_tuning",
     "n_train": 480,
@@ -43,12 +45,12 @@ def run(
     packing: bool = True,
 ) -> dict:
     """Run the demo; returns {"before", "after", "seconds", "output_dir"} and prints the story."""
-    from .data import load_rows
-    from .demo_data import write_demo_dataset
-    from .evaluate import evaluate
-    from .models import load_base
-    from .train import train
-    from .train_config import TrainConfig
+    from softprompt.data.rows import load_rows
+    from softprompt.data.demo import write_demo_dataset
+    from softprompt.inference.evaluate import evaluate
+    from softprompt.io.base_models import load_base
+    from softprompt.train.trainer import train
+    from softprompt.train.config import TrainConfig, method_keys
 
     start = time.time()
     out = Path(output_dir)
@@ -70,15 +72,15 @@ def run(
     }
     if learning_rate is not None:
         settings["learning_rate"] = learning_rate
-    if method == "p_tuning":
-        settings["encoder_hidden_size"] = 128
+    if "encoder_hidden_size" in method_keys(method):
+        settings["encoder_hidden_size"] = 128  # a small encoder trains fast on the demo's short tasks
     train_start = time.time()
     result = train(TrainConfig.from_mapping(settings), num_samples=0)
     train_seconds = time.time() - train_start
     print(f"[{time.time() - start:5.0f}s] trained in {train_seconds:.0f} s ({'packed' if packing else 'padded'} batches): final train loss {result.metrics.get('train_loss', float('nan')):.3f}",
           flush=True)
 
-    from .model import PeftModel
+    from softprompt.core.model import PeftModel
 
     base, tokenizer = load_base(model)
     tuned = PeftModel.from_pretrained(base, str(out / "adapter"))
@@ -100,7 +102,7 @@ def _pct(result) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=["prompt_tuning", "p_tuning", "prefix_tuning"], default=DEFAULTS["method"])
+    parser.add_argument("--method", choices=list(methods()), default=DEFAULTS["method"])
     parser.add_argument("--n-train", type=int, default=DEFAULTS["n_train"], help="training rows")
     parser.add_argument("--n-eval", type=int, default=DEFAULTS["n_eval"], help="held-out rows")
     parser.add_argument("--max-steps", type=int, default=DEFAULTS["max_steps"])

@@ -20,8 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from softprompt.serve.engine import empty_peft_model
+from softprompt import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 # Tiny models gain nothing from intra-op threads, and on small CI machines OpenMP's wake-ups cost
 # milliseconds per op (measured: ~20 ms per attention call with 2 threads, 0.02 ms with 1).
@@ -82,7 +81,7 @@ def tiny_base(family: str = "llama", vocab_size: int = 400, seed: int = 0):
 
 def tiny_peft(family: str = "llama", adapters: dict | None = None, seed: int = 0):
     """The tiny base with the adapters of `ADAPTERS` (or `adapters`), random prompts, eval mode."""
-    model = empty_peft_model(tiny_base(family, seed=seed))
+    model = PeftModel.empty(tiny_base(family, seed=seed)).eval()
     torch.manual_seed(seed + 1)
     for name, config in (ADAPTERS if adapters is None else adapters).items():
         model.add_adapter(name, config)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,18 @@ def test_train_errors_are_clear(workspace, capsys):
     assert "nope.jsonl: no such file" in capsys.readouterr().err
 
 
+def test_a_bad_method_option_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """The method's config is built when the run config is read: no model, no data, well under 2 seconds."""
+    import softprompt.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    start = time.perf_counter()
+    args = ["train", "--data", str(tmp_path / "x.jsonl"), "--method", "p_tuning", "--encoder_dropout", "2"]
+    assert main(args) == 2
+    assert time.perf_counter() - start < 2.0
+    assert "encoder_dropout=2.0 is not valid; it must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_train_stops_when_most_rows_are_bad(workspace, capsys):
     """Issue #9: 103 of 104 rows skipped used to train on 1 row with exit code 0."""
     rows = [json.loads(line) for line in (workspace / "data.jsonl").read_text(encoding="utf-8").splitlines()][:4]
@@ -82,9 +95,10 @@ def test_generate_greedy_and_sampled(workspace, capsys):
 
 
 def test_eval_reports_loss_perplexity_and_exact_match(workspace, capsys):
-    from softprompt.evaluate import generate_answers, prompt_text
-    from softprompt.model import PeftModel
-    from softprompt.models import load_base
+    from softprompt.data.templates import prompt_text
+    from softprompt.inference.evaluate import generate_answers
+    from softprompt.core.model import PeftModel
+    from softprompt.io.base_models import load_base
 
     # Rows whose outputs are the adapter's own greedy answers score 1.0; altered outputs score 0.0.
     base, tokenizer = load_base(str(workspace / "model"))
@@ -108,8 +122,8 @@ def test_eval_reports_loss_perplexity_and_exact_match(workspace, capsys):
 def test_eval_loss_matches_the_models_own_loss(workspace):
     import torch
 
-    from softprompt.evaluate import evaluate
-    from softprompt.models import load_base
+    from softprompt.inference.evaluate import evaluate
+    from softprompt.io.base_models import load_base
 
     base, tokenizer = load_base(str(workspace / "model"))
     row = toy_rows(1)
@@ -126,7 +140,7 @@ def test_eval_loss_matches_the_models_own_loss(workspace):
 
 def test_inspect_shows_config_size_and_nearest_tokens(workspace, capsys):
     from softprompt import PromptTuningConfig, get_peft_model
-    from softprompt.models import load_base
+    from softprompt.io.base_models import load_base
 
     base, tokenizer = load_base(str(workspace / "model"))
     text = "capital letters"
@@ -163,7 +177,7 @@ def test_python_m_softprompt_chat_with_piped_stdin(workspace):
 def test_chat_keeps_the_conversation(workspace, monkeypatch, capsys):
     import io
 
-    import softprompt.evaluate as evaluate
+    import softprompt.inference.evaluate as evaluate
 
     seen: list[str] = []
     real = evaluate.generate_answers
@@ -193,7 +207,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """The demo's whole path (data, zero-shot eval, training, reload, eval, report) on a tiny model; the real
     demo (`make demo`, builtin:smollm2-135m) is measured in docs/TRAINING.md."""
     from softprompt import demo
-    from softprompt.demo_data import make_demo_dataset
+    from softprompt.data.demo import make_demo_dataset
 
     train_rows, eval_rows = make_demo_dataset(60, 12, seed=0)
     make_tiny_lm(tmp_path / "model", row_texts(train_rows + eval_rows), vocab_size=500)

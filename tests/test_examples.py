@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli import main
-from softprompt.train import check_checkpoint
-from softprompt.train_config import TrainConfig
+from softprompt.train.config import TrainConfig
+from softprompt.train.trainer import check_checkpoint
 from tiny_lm import REPO, ZH_DEMO, make_tiny_lm, need_shared
 
 EXAMPLES = REPO / "examples"

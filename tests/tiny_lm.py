@@ -2,7 +2,7 @@
 
 A byte-level BPE tokenizer trained in well under a second on the texts given (so Chinese and English
 both tokenize compactly), and a random LLaMA or BLOOM of hidden size 32 saved beside it: a folder that
-`softprompt.models.load_base` reads like any hub model.
+`softprompt.io.base_models.load_base` reads like any hub model.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@
     launch.py      serve() and main(argv): `softprompt serve`
 """
 
-from .engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
-from .params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Delta, Sequence
+from softprompt.serve.engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
+from softprompt.serve.params import SamplingParams
+from softprompt.serve.scheduler import Scheduler
+from softprompt.serve.sequence import Delta, Sequence
 
 __all__ = [
     "Engine", "Scheduler", "Sequence", "SamplingParams", "Delta", "UnknownAdapter", "ContextTooLong", "InvalidTokenId",
@@ -27,18 +27,18 @@ __all__ = [
 
 # The HTTP side (FastAPI, uvicorn) is imported only when a server is started: the engine runs without it.
 def serve(*args, **kwargs) -> None:
-    from .launch import serve as _serve
+    from softprompt.serve.launch import serve as _serve
 
     _serve(*args, **kwargs)
 
 
 def build_server(*args, **kwargs):
-    from .launch import build_server as _build
+    from softprompt.serve.launch import build_server as _build
 
     return _build(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import main as _main
+    from softprompt.serve.launch import main as _main
 
     return _main(argv)

@@ -1,5 +1,5 @@
 import sys
 
-from .launch import main
+from softprompt.serve.launch import main
 
 sys.exit(main())

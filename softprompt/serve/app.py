@@ -26,18 +26,18 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, RequestStream
-from .engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
-from .protocol import (
+from softprompt.data.templates import seed_chat_prompt
+from softprompt.serve.async_engine import AsyncEngine, RequestStream
+from softprompt.serve.engine import ContextTooLong, Engine, InvalidTokenId, UnknownAdapter
+from softprompt.serve.protocol import (
     SEED_TEMPLATE,
     TOKENIZER_TEMPLATE,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
-    seed_chat_prompt,
 )
-from .registry import AdapterExists, AdapterPathError, AdapterRegistry
+from softprompt.serve.registry import AdapterExists, AdapterPathError, AdapterRegistry
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # far above what a prompt that fits a 2,048-token context takes
@@ -213,7 +213,7 @@ def create_app(
                            param="messages", code="empty_prompt")
         check_chars(sum(len(m.text) for m in req.messages), "messages")
         if chat_template == SEED_TEMPLATE:
-            ids = await encode(seed_chat_prompt(req.messages))
+            ids = await encode(seed_chat_prompt([(m.role, m.text) for m in req.messages]))
         else:
             messages = [{"role": m.role, "content": m.text} for m in req.messages]
             text = await run_in_threadpool(tokenizer.apply_chat_template, messages, add_generation_prompt=True,

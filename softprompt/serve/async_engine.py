@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from .engine import Engine
-from .params import SamplingParams
-from .sequence import Delta, Sequence
+from softprompt.serve.engine import Engine
+from softprompt.serve.params import SamplingParams
+from softprompt.serve.sequence import Delta, Sequence
 
 log = logging.getLogger("softprompt.serve")
 

@@ -26,17 +26,14 @@ import threading
 from collections.abc import Callable, Sequence as Seq
 
 import torch
-from transformers import DynamicCache
 
-from ..cache import accepts, cache_kwarg, output_cache
-from ..model import PeftModel, get_peft_model
-from ..prompt_tuning import PromptTuningConfig
-from .graphs import DecodeGraphs
-from .kv import SlotCache, SlotStore
-from .params import SamplingParams
-from .sampler import select_tokens
-from .scheduler import Scheduler
-from .sequence import Delta, Sequence
+from softprompt.hf.cache import accepts, cache_kwarg, empty_cache, output_cache
+from softprompt.serve.graphs import DecodeGraphs
+from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.serve.params import SamplingParams
+from softprompt.serve.sampler import select_tokens
+from softprompt.serve.scheduler import Scheduler
+from softprompt.serve.sequence import Delta, Sequence
 
 log = logging.getLogger("softprompt.serve")
 
@@ -230,7 +227,7 @@ class Engine:
             mask[i, L - len(s.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         arranged, cache = self.model.prepare(ids, mask, None, None, [s.adapter for s in seqs], frozen_cache=False)
-        kwargs = self.model.base_kwargs(arranged, cache if cache is not None else DynamicCache(config=self.model.config))
+        kwargs = self.model.base_kwargs(arranged, cache if cache is not None else empty_cache(self.model.config))
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.base(**kwargs, use_cache=True)
@@ -292,13 +289,6 @@ class Engine:
                     self._emit(seq, seq.fail("error", message))
             self.scheduler.waiting.clear()
             self.scheduler.running.clear()
-
-
-def empty_peft_model(base) -> PeftModel:
-    """A `PeftModel` holding no adapter yet (the wrapper is built with one, which is removed at once)."""
-    model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=1), adapter_name="_placeholder")
-    model.delete_adapter("_placeholder")
-    return model.eval()
 
 
 def _context_limit(config, requested: int | None) -> int:

@@ -9,20 +9,18 @@ batch are padding that write into free slots only. A model whose forward cannot 
 ordinary path, once, with a warning.
 
 transformers' eager mask (BLOOM, and any model on eager attention) makes its 0 with
-`torch.tensor(0.0, device=...)`, a host-to-device copy that a capture refuses; `capturable_masks()` swaps
+`torch.tensor(0.0, device=...)`, a host-to-device copy that a capture refuses; `capturable_masks()` (`hf/masks.py`) swaps
 in the same mask built from device ops alone, for the capture only.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .kv import SlotCache, SlotStore
+from softprompt.hf.masks import capturable_masks
+from softprompt.serve.kv import SlotCache, SlotStore
 
 log = logging.getLogger("softprompt.serve")
 
@@ -30,29 +28,6 @@ log = logging.getLogger("softprompt.serve")
 def buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 32] + list(range(48, max_batch + 16, 16))
     return sorted({min(s, max_batch) for s in sizes})
-
-
-def eager_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
-    """transformers' eager mask (0 where attended, the dtype's minimum elsewhere) without a host copy."""
-    kwargs.pop("allow_is_causal_skip", None)
-    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-@contextmanager
-def capturable_masks() -> Iterator[None]:
-    """While inside, models on eager attention build their masks with `eager_mask` (this module's)."""
-    previous = ALL_MASK_ATTENTION_FUNCTIONS._local_mapping.get("eager")
-    ALL_MASK_ATTENTION_FUNCTIONS["eager"] = eager_mask
-    try:
-        yield
-    finally:
-        if previous is None:
-            del ALL_MASK_ATTENTION_FUNCTIONS["eager"]
-        else:
-            ALL_MASK_ATTENTION_FUNCTIONS["eager"] = previous
 
 
 def widths(capacity: int) -> list[int]:

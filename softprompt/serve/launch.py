@@ -12,10 +12,12 @@ import sys
 
 import torch
 
-from .app import DEFAULT_MAX_REQUEST_BYTES, create_app
-from .engine import Engine, empty_peft_model
-from .protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
-from .registry import AdapterRegistry
+from softprompt.core.model import PeftModel
+from softprompt.io.base_models import load_base
+from softprompt.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
+from softprompt.serve.engine import Engine
+from softprompt.serve.protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
+from softprompt.serve.registry import AdapterRegistry
 
 
 def build_server(
@@ -34,8 +36,6 @@ def build_server(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ):
     """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet."""
-    from ..models import load_base
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -44,7 +44,7 @@ def build_server(
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not valid; use auto, float32, bfloat16 or float16")
     base, tokenizer = load_base(model, dtype=torch_dtype, device=device)
-    engine = Engine(empty_peft_model(base), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+    engine = Engine(PeftModel.empty(base).eval(), tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     cuda_graphs=cuda_graphs)
     engine.warm_up()
     name = served_model_name or model

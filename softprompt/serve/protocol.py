@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from .params import SamplingParams
+from softprompt.serve.params import SamplingParams
 
 SEED_TEMPLATE = "seed"
 TOKENIZER_TEMPLATE = "tokenizer"
@@ -158,22 +158,3 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Text
     path: Text
-
-
-def seed_chat_prompt(messages: list[ChatMessage]) -> str:
-    """The seed's training format: `Human: ...\\n\\nAssistant: `, turns one after another.
-
-    System (or developer) text goes first; an assistant message at the end is continued, not closed.
-    """
-    parts: list[str] = []
-    for i, m in enumerate(messages):
-        text = m.text.strip()
-        if m.role in ("system", "developer"):
-            parts.append(text + "\n\n")
-        elif m.role == "user":
-            parts.append("Human: " + text + "\n\nAssistant: ")
-        elif i == len(messages) - 1:
-            parts.append(text)  # continue the assistant's answer
-        else:
-            parts.append(text + "\n\n")
-    return "".join(parts)

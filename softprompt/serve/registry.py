@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import files
-from .engine import Engine
+from softprompt.io import files
+from softprompt.serve.engine import Engine
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADAPTER_FILES = (files.CONFIG_NAME, files.WEIGHTS_NAME, files.STATE_NAME, files.LEGACY_WEIGHTS_NAME)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import Sequence
+from softprompt.serve.sequence import Sequence
 
 
 def select_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[int, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .sequence import Sequence, Status
+from softprompt.serve.sequence import Sequence, Status
 
 
 class Scheduler:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .params import SamplingParams
+from softprompt.serve.params import SamplingParams
 
 _ids = itertools.count()
 

@@ -1,0 +1,1 @@
+"""Rows in, token ids out: the Alpaca reader and template, the token cache, the demo tasks."""

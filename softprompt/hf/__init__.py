@@ -1,0 +1,1 @@
+"""The seams that track transformers: every touch of its cache, masks, checkpointing, generation defaults and Trainer internals."""

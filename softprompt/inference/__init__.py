@@ -1,0 +1,1 @@
+"""Using a trained adapter: evaluation (loss, perplexity, exact match) and inspection."""

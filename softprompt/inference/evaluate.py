@@ -1,0 +1,151 @@
+"""Scoring an adapter (or the bare base model) on Alpaca rows: loss, perplexity and exact match.
+
+- loss: mean cross-entropy over the response tokens (the labels `tokenize` keeps), token-weighted over
+  the whole set; perplexity is exp(loss).
+- exact match: the greedy answer to each row's prompt, cut at the eos token and stripped of surrounding
+  whitespace, equals the row's `output` stripped the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from softprompt.data.rows import make_collator, tokenize
+from softprompt.data.templates import prompt_text
+
+
+def _left_padded(tokenizer):
+    if tokenizer.padding_side == "left" and tokenizer.pad_token is not None:
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    **generate_kwargs,
+) -> list[str]:
+    """The model's answers to already-templated prompts (greedy unless `do_sample=True` is passed).
+
+    `add_special_tokens=True` encodes as training did for the Alpaca template (the tokenizer's default
+    special tokens); pass False for chat-template text, which carries its own.
+    """
+    tok = _left_padded(tokenizer)
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    answers: list[str] = []
+    generate_kwargs.setdefault("do_sample", False)
+    for start in range(0, len(prompts), batch_size):
+        batch = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                    add_special_tokens=add_special_tokens).to(device)
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+            eos_token_id=eos, pad_token_id=tok.pad_token_id, **generate_kwargs,
+        )
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+@torch.no_grad()
+def mean_loss(model, tokenized, collator, batch_size: int = 8) -> tuple[float, int]:
+    """Token-weighted mean loss over the label tokens of a tokenized set, and the number of such tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        rows = [tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))]
+        batch = {k: v.to(device) for k, v in collator(rows).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()  # (B, V + L, vocab): the first V are virtual slots
+        logits = logits[:, logits.shape[1] - labels.shape[1] :]
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        n = int((shift_labels != -100).sum())
+        if n:
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += n
+    return (total / count if count else float("nan")), count
+
+
+def is_exact_match(prediction: str, reference: str) -> bool:
+    return prediction.strip() == reference.strip()
+
+
+@dataclass
+class EvalResult:
+    rows: int
+    loss: float | None = None
+    perplexity: float | None = None
+    tokens: int = 0
+    exact_match: float | None = None
+    answers: list[dict] = field(default_factory=list)  # {"prompt", "reference", "prediction", "correct"}
+
+    def summary(self) -> str:
+        parts = [f"rows={self.rows}"]
+        if self.loss is not None:
+            parts += [f"loss={self.loss:.4f}", f"perplexity={self.perplexity:.3f}", f"tokens={self.tokens}"]
+        if self.exact_match is not None:
+            correct = sum(a["correct"] for a in self.answers)
+            parts.append(f"exact_match={self.exact_match:.3f} ({correct}/{len(self.answers)})")
+        return " ".join(parts)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    rows,
+    template: str = "alpaca",
+    max_length: int = 256,
+    loss: bool = True,
+    exact_match: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+) -> EvalResult:
+    """Score `model` (a softprompt PeftModel, or a plain causal LM) on Alpaca rows (a `datasets.Dataset`
+    or a list of dicts with instruction / input / output)."""
+    import datasets
+
+    if isinstance(rows, list):
+        rows = datasets.Dataset.from_list(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        result = EvalResult(rows=len(rows))
+        if loss:
+            tokenized, _ = tokenize(rows, tokenizer, max_length=max_length, template=template)
+            result.loss, result.tokens = mean_loss(model, tokenized, make_collator(tokenizer), batch_size)
+            result.perplexity = math.exp(result.loss) if result.tokens else None
+        if exact_match:
+            inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
+            prompts = [prompt_text(tokenizer, template, q, i or "") for q, i in zip(rows["instruction"], inputs)]
+            references = [str(o) for o in rows["output"]]
+            if max_new_tokens is None:  # room for the longest reference and a little more
+                longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=8)
+                max_new_tokens = longest + 8
+            predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           batch_size=max(batch_size, 16), add_special_tokens=template == "alpaca")
+            result.answers = [
+                {"prompt": p, "reference": r, "prediction": a, "correct": is_exact_match(a, r)}
+                for p, r, a in zip(prompts, references, predictions)
+            ]
+            result.exact_match = sum(a["correct"] for a in result.answers) / max(len(result.answers), 1)
+    finally:
+        model.train(was_training)
+    return result

@@ -1,0 +1,192 @@
+"""Configs shared by the three methods, and the base model's shape they are resolved against.
+
+Configs are frozen dataclasses with peft's field names, so that peft's `adapter_config.json` reads into
+them and theirs into peft. Values that depend on the base model are filled by `resolve(model_config)`,
+which returns a new config; nothing mutates a config in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class TaskType(str, enum.Enum):
+    """peft's task types; softprompt trains causal language models only."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def coerce_enum(cls: type[enum.Enum], value: Any, name: str) -> enum.Enum:
+    """`value` as a member of `cls`, accepting the member, its value or its name."""
+    if isinstance(value, cls):
+        return value
+    for member in cls:
+        if value == member.value or value == member.name:
+            return member
+    allowed = ", ".join(repr(m.value) for m in cls)
+    raise ValueError(f"{name}={value!r} is not valid; allowed values: {allowed}")
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a prompt method needs to know about the frozen model it is attached to."""
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> "ModelShape":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def first(*names: str) -> int | None:
+            for n in names:
+                v = getattr(config, n, None)
+                if v is not None:
+                    return v
+            return None
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        layers = first("num_hidden_layers", "n_layer", "num_layers")
+        heads = first("num_attention_heads", "n_head")
+        if hidden is None or layers is None or heads is None:
+            raise ValueError(
+                f"cannot read hidden size, layer count and head count from {type(config).__name__}; "
+                "softprompt supports decoder-only Hugging Face models that expose them"
+            )
+        kv_heads = first("num_key_value_heads", "multi_query_group_num") or heads
+        head_dim = first("head_dim") or hidden // heads
+        return cls(hidden, layers, heads, kv_heads, head_dim, first("vocab_size") or 0)
+
+
+DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
+
+
+@dataclass(frozen=True)
+class PromptLearningConfig:
+    """Fields common to Prompt Tuning, P-Tuning and Prefix-Tuning (peft's names and defaults)."""
+
+    peft_type: ClassVar[str] = ""
+    # What the rest of softprompt asks of a method, declared here so that no one branches on its name:
+    # the learning rate a run uses when the user gives none (the best of a sweep on the demo data with
+    # SmolLM2-135M, AdamW, linear decay; docs/TRAINING.md; Trainer's 5e-5 barely moves a soft prompt), and
+    # whether the prompt lives in the word-embedding space (so that its nearest vocabulary tokens mean something).
+    learning_rate: ClassVar[float] = 1e-2
+    prompt_in_vocabulary: ClassVar[bool] = True
+
+    num_virtual_tokens: int | None = None
+    task_type: TaskType | str | None = TaskType.CAUSAL_LM
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    modules_to_save: list[str] | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens is None:
+            raise ValueError("num_virtual_tokens is required: the number of virtual tokens, e.g. 10")
+        check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        task = coerce_enum(TaskType, TaskType.CAUSAL_LM if self.task_type is None else self.task_type, "task_type")
+        if task is not TaskType.CAUSAL_LM:
+            raise ValueError(f"task_type={task.value!r} is not supported; softprompt supports 'CAUSAL_LM' only")
+        object.__setattr__(self, "task_type", task)
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError(
+                f"num_transformer_submodules={self.num_transformer_submodules!r} is not valid; "
+                "causal language models have 1"
+            )
+        if self.modules_to_save:
+            raise ValueError(
+                f"modules_to_save={self.modules_to_save!r} is not supported with prompt methods; "
+                "leave it unset (train only the prompt)"
+            )
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive_int(value, name)
+
+    @classmethod
+    def method_name(cls) -> str:
+        """The name `softprompt train` takes (`method: p_tuning`): peft's type in lower case."""
+        return cls.peft_type.lower()
+
+    @classmethod
+    def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptLearningConfig":
+        """The config a training run builds from the user's keys (`num_virtual_tokens` defaults to
+        `DEFAULT_NUM_VIRTUAL_TOKENS`). `tokenizer` is None when the run config is first read, before any model
+        is loaded: the config is then checked, and built again with the tokenizer where a method needs it."""
+        kwargs = dict(keys)
+        kwargs.setdefault("num_virtual_tokens", DEFAULT_NUM_VIRTUAL_TOKENS)
+        return cls(base_model_name_or_path=model, **kwargs)
+
+    def default_learning_rate(self) -> float:
+        return self.learning_rate
+
+    def resolve(self, shape: ModelShape) -> "PromptLearningConfig":
+        """This config with the model-dependent fields filled from `shape` (peft's rules)."""
+        return dataclasses.replace(
+            self,
+            token_dim=self.token_dim or shape.hidden_size,
+            num_layers=self.num_layers or shape.num_layers,
+            num_attention_heads=self.num_attention_heads or shape.num_attention_heads,
+            num_transformer_submodules=1,
+        )
+
+    def check_fits(self, shape: ModelShape) -> None:
+        """Raise if this (resolved) config was made for a model of another shape."""
+        expected = self.resolve_fresh(shape)
+        mismatched = [
+            f"{name}: adapter {getattr(self, name)} vs model {getattr(expected, name)}"
+            for name in ("token_dim", "num_layers", "num_attention_heads")
+            if getattr(self, name) is not None and getattr(self, name) != getattr(expected, name)
+        ]
+        if mismatched:
+            raise ValueError(
+                "this adapter was trained for a base model of another shape ("
+                + "; ".join(mismatched)
+                + f"); load it onto the model it was trained with ({self.base_model_name_or_path or 'unknown'})"
+            )
+
+    def resolve_fresh(self, shape: ModelShape) -> "PromptLearningConfig":
+        cleared = dataclasses.replace(self, token_dim=None, num_layers=None, num_attention_heads=None)
+        return cleared.resolve(shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        """peft's `adapter_config.json` content (enums as their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PromptLearningConfig":
+        """Build from `adapter_config.json` content; keys this config does not know are ignored (like peft)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

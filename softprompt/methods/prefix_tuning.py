@@ -1,0 +1,105 @@
+"""Prefix-Tuning (Li & Liang, 2021, https://arxiv.org/abs/2101.00190).
+
+V learned key/value vectors are prepended in every attention layer; the text's tokens attend to them
+but the sequence itself is unchanged:
+
+    layer l:  K = [Pk_l ; K_text]   V = [Pv_l ; V_text]
+
+Optionally (`prefix_projection`) the prefix is an MLP of V learned embeddings, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from softprompt.methods.adapter import PromptAdapter, register
+from softprompt.methods.config import ModelShape, PromptLearningConfig, check_positive_int
+
+
+@register
+@dataclass(frozen=True)
+class PrefixTuningConfig(PromptLearningConfig):
+    peft_type = "PREFIX_TUNING"
+    learning_rate = 3e-2
+    prompt_in_vocabulary = False  # keys and values inside attention, not word embeddings
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None  # None: random (peft's default), "zero": the prefix starts at zero
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encoder_hidden_size is not None:
+            check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection={self.prefix_projection!r} is not valid; it must be true or false")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
+
+    def default_learning_rate(self) -> float:
+        return 1e-3 if self.prefix_projection else self.learning_rate  # the projection MLP needs a much smaller rate
+
+    def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
+        # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,
+        # whatever the user passed (peft's rule too, so the files agree).
+        return dataclasses.replace(
+            super().resolve(shape),
+            token_dim=shape.kv_dim,
+            num_attention_heads=shape.num_key_value_heads,
+            encoder_hidden_size=self.encoder_hidden_size or shape.kv_dim,
+        )
+
+    def build(self, shape: ModelShape, word_embeddings: nn.Embedding | None = None, tokenizer=None) -> "PrefixEncoder":
+        return PrefixEncoder(self, shape)
+
+
+class PrefixEncoder(PromptAdapter):
+    """`(V, layers*2*kv_dim)` prefix, either learned directly or projected from `(V, kv_dim)` embeddings.
+
+    Flat layout (peft's): row index `2*l` of the `layers*2` axis is layer l's keys, `2*l+1` its values.
+    """
+
+    placement = "prefix"
+
+    def __init__(self, config: PrefixTuningConfig, shape: ModelShape):
+        super().__init__(config, shape)
+        kv_dim = config.token_dim or shape.kv_dim
+        out_dim = shape.num_layers * 2 * kv_dim
+        self.transform: nn.Sequential | None = None
+        if config.prefix_projection and not config.inference_mode:
+            hidden = config.encoder_hidden_size or kv_dim
+            self.embedding = nn.Embedding(config.num_virtual_tokens, kv_dim)
+            self.transform = nn.Sequential(nn.Linear(kv_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+            last = self.transform[-1]
+        else:
+            self.embedding = nn.Embedding(config.num_virtual_tokens, out_dim)
+            last = self.embedding
+        if config.init_weights == "zero" and not config.inference_mode:
+            with torch.no_grad():
+                last.weight.zero_()
+                if getattr(last, "bias", None) is not None:
+                    last.bias.zero_()
+
+    def has_encoder(self) -> bool:
+        return self.transform is not None
+
+    def compute(self) -> torch.Tensor:
+        x = self.embedding.weight
+        return self.transform(x) if self.transform is not None else x  # (V, layers*2*kv_dim)
+
+    def key_values(self) -> torch.Tensor:
+        s = self.shape
+        flat = self.prompt()  # (V, 2L*H*hd)
+        v = flat.shape[0]
+        kv = flat.view(v, 2 * s.num_layers, s.num_key_value_heads, s.head_dim).permute(1, 2, 0, 3)
+        return kv.reshape(s.num_layers, 2, s.num_key_value_heads, v, s.head_dim)
+
+    def load_exported(self, prompt_embeddings: torch.Tensor) -> None:
+        if self.has_encoder():
+            raise ValueError("a prefix projection cannot be rebuilt from its output alone; load it in inference mode")
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings)

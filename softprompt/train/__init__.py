@@ -1,0 +1,1 @@
+"""Training: the run config (`config.py`), the Trainer subclass and checkpoints (`trainer.py`), several adapters at once (`multitask.py`)."""

@@ -1,0 +1,350 @@
+"""Training on `transformers.Trainer`: softprompt adds only what Trainer lacks.
+
+    TrainConfig -> base model + tokenizer -> tokenized rows (train / validation) -> get_peft_model
+        -> SoftPromptTrainer(...).train(resume_from_checkpoint=...) -> adapter + loss.png + samples
+
+`SoftPromptTrainer` is `Trainer` with one change: a checkpoint is written under `<output_dir>/.incomplete/`
+and renamed into place once every file (adapter, optimizer, scheduler, RNG states, trainer state) is
+there, so a kill mid-save never leaves a `checkpoint-N` that loads half. The adapter-only files are
+`PeftModel.save_pretrained`'s; Trainer restores them (and the encoders) from `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from softprompt.core.model import get_peft_model
+from softprompt.core.packing import PackingCollator, PromptWidths
+from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
+from softprompt.data.token_cache import tokenized_rows
+from softprompt.hf.backbone import check_packable, compile_layers
+from softprompt.hf.trainer import StagedCheckpointTrainer
+from softprompt.inference.evaluate import generate_answers
+from softprompt.io.base_models import load_base
+from softprompt.train.config import TrainConfig, base_dtype
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_NAME = "softprompt_train.yaml"  # the run's whole config, beside the adapter
+LOSS_PLOT_NAME = "loss.png"
+
+
+class SoftPromptTrainer(StagedCheckpointTrainer):
+    """`Trainer` whose checkpoints appear whole or not at all (`StagedCheckpointTrainer`), and that runs packed batches.
+
+    A packed batch (`PackingCollator`: `{"packs": [...], "num_items": n}`) is one optimizer step's rows as
+    one or more packed micro-batches: each is a forward and a backward of its own (memory stays that of one
+    micro-batch), with the loss of every micro-batch divided by the label tokens of the whole step. So the
+    step's loss is the token mean over all its rows, as Trainer computes it over accumulated micro-batches.
+    Evaluation runs on `eval_collator` (padded rows) when given, so eval loss means what it always meant.
+    """
+    eval_collator = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        packs = inputs.get("packs")
+        if packs is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        num_items = inputs["num_items"]  # a Python int: dividing by it needs no copy to the device
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # the loss is scaled back by the world size in compute_loss
+            num_items = self.accelerator.gather(torch.tensor(num_items, device=self.args.device)).sum()
+        total = None
+        for i, pack in enumerate(packs):
+            last = i == len(packs) - 1
+            # gradients are reduced across processes once, after the last micro-batch
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, _to_device(pack, self.args.device), num_items_in_batch=num_items)
+            total = loss if total is None else total + loss
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packs = inputs.get("packs")
+        if packs is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = sum(model(**pack, num_items_in_batch=inputs["num_items"]).loss for pack in packs)
+        return (loss, None) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
+
+def _to_device(data, device):
+    """Tensors (in nested dicts and lists) moved without waiting: Trainer's own `.to(device)` blocks the host
+    until the GPU has caught up, for every tensor of every step, so the next step is never queued ahead."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
+    if isinstance(data, dict):
+        return {k: _to_device(v, device) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_device(v, device) for v in data)
+    return data
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def missing_checkpoint_files(folder: str | Path) -> list[str]:
+    """What a checkpoint folder lacks to resume exactly (adapter, optimizer, scheduler, RNG, state).
+
+    Only names are checked; nothing is read. `training_args.bin` (a pickle) is never loaded here: a planted
+    folder could run code through it. A `save_only_model` checkpoint lacks the optimizer and cannot be
+    resumed (as transformers documents), so it counts as incomplete. What Trainer itself reads on resume is
+    safetensors, JSON, and `optimizer.pt` / `scheduler.pt` / `rng_state*.pth` through
+    `torch.load(weights_only=True)`, whose unpickler builds tensors and plain containers only and runs no code.
+    """
+    folder = Path(folder)
+    needed = ["adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json",
+              "optimizer.pt", "scheduler.pt"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if not glob.glob(glob.escape(str(folder)) + "/rng_state*.pth"):
+        missing.append("rng_state.pth")
+    return missing
+
+
+def check_checkpoint(folder: str | Path) -> Path:
+    """`folder` if it is a complete checkpoint; a clear error otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+    missing = missing_checkpoint_files(folder)
+    if missing:
+        raise ValueError(
+            f"{folder} is an incomplete checkpoint (missing {', '.join(missing)}): its save was interrupted, or it "
+            "was saved with save_only_model=true, which cannot be resumed. Resume from an earlier checkpoint, or "
+            "with resume_from_checkpoint=true to take the last complete one"
+        )
+    return folder
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-numbered complete `checkpoint-N` in `output_dir` (incomplete ones are skipped, with a warning)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if path.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        missing = missing_checkpoint_files(path)
+        if not missing:
+            return path
+        logger.warning("skipping %s: incomplete checkpoint (missing %s)", path, ", ".join(missing))
+    return None
+
+
+def resolve_resume(value: Any, output_dir: str | Path) -> str | None:
+    """`resume_from_checkpoint` as given (a folder, true/"last", or nothing) -> a checked folder or None."""
+    if value in (None, False, "", "false", "False", "no"):
+        return None
+    if value is True or str(value).lower() in ("true", "last", "latest", "yes"):
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"resume_from_checkpoint={value!r}, but {output_dir} has no complete checkpoint-N")
+        return str(found)
+    return str(check_checkpoint(value))
+
+
+# -- the loss curve -------------------------------------------------------------------------------
+def plot_losses(log_history: list[dict], path: str | Path) -> Path | None:
+    """Training (and eval) loss against step, as a PNG; None when nothing was logged."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train:  # a run shorter than logging_steps: its mean loss, at its last step
+        train = [(e["step"], e["train_loss"]) for e in log_history if "train_loss" in e and "step" in e]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), "o-" if len(train) == 1 else "-", label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes `loss.png` into the output folder when training ends (main process only)."""
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_losses(state.log_history, Path(args.output_dir) / LOSS_PLOT_NAME)
+
+
+# -- one run --------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, float]
+    samples: list[tuple[str, str, str]]  # (prompt, reference, generated)
+
+
+def load_data(config: TrainConfig, tokenizer):
+    """Tokenized (train, validation or None, eval rows or None), with the data report printed.
+
+    The tokenized rows are cached on disk (`token_cache.py`): a second run over the same file starts at once.
+    """
+    columns = ColumnMap(config.instruction_column, config.input_column, config.output_column)
+    kwargs = dict(max_length=config.max_length, template=config.template, cache=config.cache_tokenized)
+    data, report = tokenized_rows(config.data, columns, tokenizer, **kwargs)
+    print(report.summary(), flush=True)
+    report.check_skipped(config.max_skipped_fraction)  # DataError (exit code 2) when too many rows are bad
+    if not len(data):
+        raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
+    if config.eval_data:
+        val, eval_report = tokenized_rows(config.eval_data, columns, tokenizer, **kwargs)
+        print(eval_report.summary(), flush=True)
+        eval_report.check_skipped(config.max_skipped_fraction)
+        return data, (val if len(val) else None), load_rows(config.eval_data, columns)
+    if config.val_size and len(data) > 1:
+        seed = int(config.training.get("data_seed") or config.training.get("seed", 42))
+        train_part, val = split(data, config.val_size, seed=seed)
+        return train_part, val, None
+    return data, None, None
+
+
+def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
+    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`."""
+    seed = int(config.training.get("seed", 42))
+    set_seed(seed)
+    model, tokenizer = load_base(config.model, dtype=base_dtype(config.base_dtype))
+    train_data, val_data, eval_rows = load_data(config, tokenizer)
+    args = config.training_arguments(has_eval=val_data is not None)
+    set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
+    peft_model = get_peft_model(model, config.peft_config(tokenizer), tokenizer=tokenizer)
+    peft_model.loss_only = True  # the LM head only where a label follows: the same loss, less work
+    if "prediction_loss_only" not in config.training:
+        args.prediction_loss_only = True  # eval reports loss; gathering partial logits would only cost memory
+    if args.should_log:
+        peft_model.print_trainable_parameters()
+        if "learning_rate" not in config.training:
+            print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
+    if config.compile != "false":
+        skipped = compile_layers(model)
+        if args.should_log:
+            if skipped is None:
+                print("torch.compile: the base model's layers (compile=false to train eagerly)", flush=True)
+            elif config.compile == "true":
+                print(f"torch.compile skipped: {skipped}", flush=True)
+    padded = make_collator(tokenizer)
+    collator = packing_collator(config, args, peft_model, tokenizer) if config.packing else padded
+    trainer = SoftPromptTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=collator,
+        callbacks=[LossPlotCallback(), *(callbacks or [])],
+    )
+    trainer.eval_collator = padded if config.packing else None
+    return trainer, tokenizer, eval_rows
+
+
+def packing_collator(config: TrainConfig, args, model, tokenizer):
+    """The collator of a packed run; `args` then takes one optimizer step's rows per batch, accumulation 1.
+
+    The rows per step (`per_device_train_batch_size x gradient_accumulation_steps`), and so the number of
+    steps, the schedule and the order of rows, stay what the user asked for.
+    """
+    check_packable(model.base_model)
+    widths = PromptWidths.of(model)
+    rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
+    longest_prompt = max(list(widths.virtual.values()) + [0])
+    row_length = config.pack_length or config.max_length + longest_prompt
+    if args.should_log:
+        print(f"packing: {rows} rows per optimizer step in micro-batches of up to {config.pack_tokens} tokens "
+              f"(rows of {row_length}); packing=false for padded batches", flush=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PackingCollator(widths, row_length=row_length, token_budget=config.pack_tokens, pad_token_id=pad)
+
+
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, num_samples: int = 3) -> TrainResult:
+    """Train an adapter as `config` says; the adapter, loss.png and the run's config land in output_dir."""
+    trainer, tokenizer, _ = build_trainer(config, callbacks)
+    args = trainer.args
+    out = Path(args.output_dir)
+    resume = resolve_resume(config.training.get("resume_from_checkpoint"), out)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(config.to_mapping(), allow_unicode=True, sort_keys=False)
+        (out / RUN_CONFIG_NAME).write_text(text, encoding="utf-8")
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(out))
+    trainer.save_state()
+    samples: list[tuple[str, str, str]] = []
+    if args.should_save:
+        trainer.save_metrics("all", metrics)
+        if num_samples and trainer.eval_dataset is not None:
+            samples = sample_answers(trainer.model, tokenizer, trainer.eval_dataset, num_samples, config.template)
+            for prompt, reference, generated in samples:
+                print(f"--- prompt:\n{prompt}\n--- reference: {reference}\n--- generated: {generated}", flush=True)
+        print(f"adapter saved to {out} (loss curve: {out / LOSS_PLOT_NAME})", flush=True)
+    return TrainResult(out, metrics, samples)
+
+
+def sample_answers(model, tokenizer, tokenized, n: int, template: str) -> list[tuple[str, str, str]]:
+    """Greedy answers to the first `n` validation prompts (recovered from their token ids)."""
+    rows = tokenized.select(range(min(n, len(tokenized))))
+    prompts, references = [], []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        cut = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        prompts.append(tokenizer.decode(ids[:cut], skip_special_tokens=False))
+        references.append(tokenizer.decode([t for t in labels[cut:] if t != -100], skip_special_tokens=True).strip())
+    was_training = model.training
+    model.eval()
+    try:
+        # The prompts are already templated and carry their special tokens: encode them as they are.
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=64, add_special_tokens=False)
+    finally:
+        model.train(was_training)
+    return list(zip(prompts, references, answers))
+
+
+def read_run_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The run config saved beside an adapter (or beside its checkpoint's parent); {} when none."""
+    adapter_dir = Path(adapter_dir)
+    for folder in (adapter_dir, adapter_dir.parent):
+        path = folder / RUN_CONFIG_NAME
+        if path.is_file():
+            try:
+                return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+

@@ -1,0 +1,189 @@
+"""Packed rows compute what each row computes alone: loss and gradients, every family x variant, mixed adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import softprompt
+from softprompt.core.packing import PackingCollator, PromptWidths, plan
+
+from conftest import FAMILIES, VARIANTS, VOCAB, build_ours, make_base
+
+LENGTHS = (5, 9, 3, 7, 6)
+
+
+def rows(lengths=LENGTHS, seed: int = 0, prompt: int = 2) -> list[dict]:
+    """Rows of random ids whose first `prompt` tokens carry no label (the masked prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(4, VOCAB, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def alone_loss(model, features: list[dict]) -> torch.Tensor:
+    """The token-mean loss over all rows, each row run alone (no padding): the oracle."""
+    total, count = 0.0, 0
+    for f in features:
+        out = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]),
+                    adapter_names=[f.get("adapter_names", model.active_adapter)])
+        n = sum(label != -100 for label in f["labels"][1:])
+        total = total + out.loss * n
+        count += n
+    return total / count
+
+
+def packed_loss(model, features: list[dict], row_length: int = 16, token_budget: int = 16) -> torch.Tensor:
+    batch = PackingCollator(PromptWidths.of(model), row_length=row_length, token_budget=token_budget)(features)
+    assert len(batch["packs"]) > 1  # several micro-batches, several segments a row: the hard case
+    return sum(model(**pack, num_items_in_batch=batch["num_items"]).loss for pack in batch["packs"])
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_packed_equals_alone(model, features: list[dict], what: str) -> None:
+    """Loss and every trainable gradient of the packed rows equal those of each row run alone (1e-5)."""
+    ref = alone_loss(model, features)
+    ref.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    loss = packed_loss(model, features)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    got = grads(model)
+    assert got.keys() == ref_grads.keys(), what
+    for name, g in got.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_equals_rows_alone(family, variant, tokenizer_dir):
+    base = make_base(family)
+    torch.manual_seed(1)
+    model = build_ours(base, VARIANTS[variant], tokenizer_dir).train()
+    assert_packed_equals_alone(model, rows(), f"{family}/{variant}")
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "gpt2"])
+def test_mixed_adapters_in_one_pack(family, tokenizer_dir):
+    """Prompt tuning, P-tuning and prefix tuning rows (and a bare-base row) share packed rows."""
+    base = make_base(family)
+    torch.manual_seed(2)
+    model = build_ours(base, VARIANTS["prompt_random"], tokenizer_dir).train()
+    model.add_adapter("pt", VARIANTS["ptune_mlp"].config(softprompt))
+    model.add_adapter("px", VARIANTS["prefix_proj"].config(softprompt))
+    model.add_adapter("px2", VARIANTS["prefix"].config(softprompt, num_virtual_tokens=2))
+    features = rows(lengths=(5, 9, 3, 7, 6, 4, 8))
+    for f, name in zip(features, ["default", "pt", "px", "px2", "pt", "default", None]):
+        f["adapter_names"] = name
+    assert_packed_equals_alone(model, features, f"{family}/mixed")
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # every adapter had rows
+
+
+@pytest.mark.parametrize("variant", ["prompt_random", "prefix_proj"])
+def test_packed_with_gradient_checkpointing(variant, tokenizer_dir):
+    base = make_base("llama")
+    torch.manual_seed(3)
+    model = build_ours(base, VARIANTS[variant], tokenizer_dir).train()
+    features = rows()
+    ref = packed_loss(model, features)
+    ref.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    loss = packed_loss(model, features)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], msg=name)
+
+
+def test_plan_rows_and_budget():
+    sizes = [10, 3, 7, 9, 1, 12, 4]
+    micro = plan(sizes, row_length=12, token_budget=24)
+    placed = sorted(i for mb in micro for row in mb for i in row)
+    assert placed == list(range(len(sizes)))  # every segment once
+    for mb in micro:
+        width = max(-(-sum(sizes[i] for i in row) // 8) * 8 for row in mb)
+        assert len(mb) * width <= 24 or len(mb) == 1
+        for row in mb:
+            assert sum(sizes[i] for i in row) <= 12 or len(row) == 1
+    assert plan([30], row_length=12, token_budget=8) == [[[0]]]  # too long for a row: a row of its own
+
+
+def test_collator_layout(tokenizer_dir):
+    """Slot by slot: virtual slots, positions restarting per segment, targets inside each segment only."""
+    base = make_base("llama")
+    model = build_ours(base, VARIANTS["prompt_random"], tokenizer_dir)  # 4 virtual tokens
+    features = [{"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}, {"input_ids": [21, 22], "labels": [21, 22]}]
+    batch = PackingCollator(PromptWidths.of(model), row_length=64)(features)
+    (pack,) = batch["packs"]
+    p = pack["packing"]
+    assert pack["input_ids"].shape == (1, 16)  # 7 + 6 slots, padded to a multiple of 8
+    assert p["segment_ids"][0].tolist() == [1] * 7 + [2] * 6 + [0] * 3
+    assert p["position_ids"][0, :13].tolist() == list(range(7)) + list(range(6))
+    assert p["virtual_slot"][0, :13].tolist() == [0, 1, 2, 3, -1, -1, -1, 0, 1, 2, 3, -1, -1]
+    targets = torch.full((16,), -100)
+    targets[p["loss_index"]] = p["loss_targets"]
+    # the last virtual token predicts the first text token; the last text token predicts nothing
+    assert targets.tolist() == [-100, -100, -100, -100, 12, 13, -100, -100, -100, -100, 21, 22, -100, -100, -100, -100]
+    assert batch["num_items"] == 4
+
+
+def test_unknown_adapter_is_a_clear_error(tokenizer_dir):
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)
+    collate = PackingCollator(PromptWidths.of(model))
+    with pytest.raises(ValueError, match="adapter 'nope'.*adapters: default"):
+        collate([{"input_ids": [5, 6], "labels": [5, 6], "adapter_names": "nope"}])
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+def test_compiled_layers_give_the_same_packed_loss(family, tokenizer_dir):
+    """`compile_layers` (dynamo on the CPU, no inductor) changes nothing in what a packed step computes."""
+    from softprompt.hf.backbone import compile_layers
+
+    torch._dynamo.reset()
+    model = build_ours(make_base(family), VARIANTS["prefix_proj"], tokenizer_dir).train()
+    features = rows()
+    ref = packed_loss(model, features)
+    assert compile_layers(model.base_model, backend="eager") is None
+    torch._dynamo.config.suppress_errors = False  # a layer that fails to compile fails the test
+    torch._dynamo.utils.counters.clear()
+    for seed in (0, 1):  # two different packed shapes: dynamic shapes, no failure on the second
+        loss = packed_loss(model, rows(seed=seed))
+        if seed == 0:
+            torch.testing.assert_close(loss, ref)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+
+
+def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
+    from softprompt.hf.backbone import compile_layers
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)
+    assert compile_layers(model.base_model) == "no CUDA device (compiling pays on a GPU)"
+
+
+def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
+    import transformers
+
+    from softprompt.hf.backbone import check_packable
+
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    gemma2 = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="mixes sliding-window and full attention layers; train it with packing=false"):
+        check_packable(gemma2)
+    llama = make_base("llama")
+    llama.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'.*packing=false"):
+        check_packable(llama)
