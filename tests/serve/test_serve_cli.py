@@ -11,7 +11,7 @@ import time
 import httpx
 from _serve_fixtures import free_port, tiny_base, tiny_peft, tiny_tokenizer
 
-from softprompt import files
+from softprompt.io import files
 
 
 def test_serve_command_loads_model_and_adapters_and_answers(tmp_path):

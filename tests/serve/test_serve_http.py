@@ -14,7 +14,7 @@ import torch
 from _serve_fixtures import ADAPTERS, running_server, tiny_peft, tiny_tokenizer
 from safetensors.torch import save_file
 
-from softprompt import files
+from softprompt.io import files
 from softprompt.serve import Engine
 from softprompt.serve.app import create_app
 from softprompt.serve.registry import AdapterRegistry
