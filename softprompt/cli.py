@@ -77,7 +77,19 @@ def train_command(config: str | None, overrides: list[str]) -> int:
     from softprompt.train.trainer import train
 
     train(run, num_samples=num_samples)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Leave torchrun / accelerate's process group before exiting: a gloo or NCCL group torn down by the
+    interpreter's exit can abort the process ("terminate called without an active exception") after a run
+    that finished well."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def generate_command(
