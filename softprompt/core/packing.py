@@ -19,10 +19,12 @@ positions, and the flat indices and targets of the positions that carry a loss.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from softprompt.hf.backbone import check_packable
 
 IGNORE_INDEX = -100
 TASK_FIELD = "adapter_names"  # a row's adapter (multi-task data); rows without it use the default adapter
@@ -63,13 +65,22 @@ class PackingCollator:
     token_budget: int = 16384
     pad_multiple: int = 8
     pad_token_id: int = 0
-    _checked: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("row_length", "token_budget", "pad_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer")
+
+    @classmethod
+    def for_model(cls, model, tokenizer, longest_row: int, token_budget: int = 16384) -> "PackingCollator":
+        """The collator for `model`'s adapters: checked that the base can run packed rows, rows long enough for
+        a row of `longest_row` tokens plus the longest prompt, padding with the tokenizer's pad id."""
+        check_packable(model.base_model)
+        widths = PromptWidths.of(model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(widths, row_length=longest_row + max(widths.virtual.values()), token_budget=token_budget,
+                   pad_token_id=pad)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:

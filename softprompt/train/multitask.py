@@ -26,9 +26,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from softprompt.core.model import PeftModel, get_peft_model
-from softprompt.core.packing import PackingCollator, PromptWidths
+from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import make_collator, tokenize
-from softprompt.hf.backbone import check_packable
 from softprompt.methods.config import PromptLearningConfig
 from softprompt.train.trainer import SoftPromptTrainer
 
@@ -115,11 +114,7 @@ def multitask_trainer(
     collator = MultiTaskCollator(make_collator(tokenizer), adapters)
     train_collator = collator
     if packing:
-        check_packable(model.base_model)
-        widths = PromptWidths.of(model)
-        longest = max(map(len, train_dataset["input_ids"])) + max(widths.virtual.values())
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        train_collator = PackingCollator(widths, row_length=longest, pad_token_id=pad)
+        train_collator = PackingCollator.for_model(model, tokenizer, max(map(len, train_dataset["input_ids"])))
     trainer = (trainer_class or SoftPromptTrainer)(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=train_collator,
         **trainer_kwargs,

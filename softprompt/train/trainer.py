@@ -12,6 +12,7 @@ there, so a kill mid-save never leaves a `checkpoint-N` that loads half. The ada
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -25,10 +26,10 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from softprompt.core.model import get_peft_model
-from softprompt.core.packing import PackingCollator, PromptWidths
+from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
 from softprompt.data.token_cache import tokenized_rows
-from softprompt.hf.backbone import check_packable, compile_layers
+from softprompt.hf.backbone import compile_layers
 from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
@@ -276,17 +277,15 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     The rows per step (`per_device_train_batch_size x gradient_accumulation_steps`), and so the number of
     steps, the schedule and the order of rows, stay what the user asked for.
     """
-    check_packable(model.base_model)
-    widths = PromptWidths.of(model)
+    collator = PackingCollator.for_model(model, tokenizer, config.max_length, config.pack_tokens)
+    if config.pack_length:
+        collator = dataclasses.replace(collator, row_length=config.pack_length)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
-    longest_prompt = max(list(widths.virtual.values()) + [0])
-    row_length = config.pack_length or config.max_length + longest_prompt
     if args.should_log:
         print(f"packing: {rows} rows per optimizer step in micro-batches of up to {config.pack_tokens} tokens "
-              f"(rows of {row_length}); packing=false for padded batches", flush=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return PackingCollator(widths, row_length=row_length, token_budget=config.pack_tokens, pad_token_id=pad)
+              f"(rows of {collator.row_length}); packing=false for padded batches", flush=True)
+    return collator
 
 
 def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, num_samples: int = 3) -> TrainResult:
