@@ -73,8 +73,12 @@ def resolve(data: str, registry: str | Path | None, format: str = "auto", column
     if entry_format not in FORMATS:
         raise ValueError(f"{where}: format {entry_format!r} is not valid; allowed values: {', '.join(FORMATS)}")
     entry_columns = entry.get("columns", {})
-    if not isinstance(entry_columns, dict) or any(role not in COLUMN_ROLES for role in entry_columns):
+    if not isinstance(entry_columns, dict) or not all(isinstance(v, str) and v for v in entry_columns.values()):
         raise ValueError(f"{where}: columns must map {', '.join(COLUMN_ROLES)} to column names; got {entry_columns!r}")
+    unread = [role for role in entry_columns if role not in COLUMN_ROLES]
+    if unread:
+        raise ValueError(f"{where}: columns {', '.join(map(repr, unread))} are not read (softprompt trains on "
+                         f"text turns); columns may map {', '.join(COLUMN_ROLES)}")
     for tag, value in (entry.get("tags") or {}).items():
         if value not in READ_TAGS.get(tag, ()):
             raise ValueError(f"{where}: tags.{tag}={value!r} is not read; turns are read with roles from/role "
