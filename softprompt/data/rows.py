@@ -34,7 +34,7 @@ import pyarrow as pa
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from softprompt.data.conversations import DEFAULT_COLUMN, LOSS_ON, detect_format, read_conversation
-from softprompt.data.readers import HUB, SUFFIXES, DataError, read_table  # noqa: F401 (DataError, SUFFIXES: this module's API)
+from softprompt.data.readers import HUB, DataError, read_table
 from softprompt.data.templates import conversation_texts, training_texts
 
 logger = logging.getLogger(__name__)
