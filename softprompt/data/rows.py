@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import datasets
 import pyarrow as pa
+from jinja2 import TemplateError
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from softprompt.data.conversations import DEFAULT_COLUMN, LOSS_ON, detect_format, read_conversation
@@ -230,8 +231,14 @@ def tokenize(
         if conversations:
             systems = batch["system"] if "system" in batch else [None] * len(batch["messages"])
             read = [read_conversation(turns, system) for turns, system in zip(batch["messages"], systems)]
-            return ([problem for _, problem in read],
-                    [conversation_texts(tokenizer, template, messages) if messages else [] for messages, _ in read])
+            problems, texts = [problem for _, problem in read], []
+            for i, (messages, _) in enumerate(read):
+                try:
+                    texts.append(conversation_texts(tokenizer, template, messages) if messages else [])
+                except TemplateError as e:  # a chat template that refuses this row (e.g. no system role)
+                    problems[i] = f"the chat template refuses it: {e}"
+                    texts.append([])
+            return problems, texts
         size = len(batch["instruction"])
         inputs = batch["input"] if "input" in batch else [None] * size
         problems = [_row_problem(*row) for row in zip(batch["instruction"], inputs, batch["output"])]

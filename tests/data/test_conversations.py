@@ -3,6 +3,7 @@ only on the assistant's tokens, bad rows reported, a file of no known format ref
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -120,6 +121,16 @@ def test_truncation_and_bad_rows_are_reported(tmp_path, tok):
     assert report.kept == 2 and report.truncated == 2 and len(cut[0]["input_ids"]) == first + 3
     _, report = tokenize(chats, tok, max_length=first)
     assert report.kept == 0 and report.skipped == {f"response cut away by max_length={first}": 2}
+
+
+def test_a_chat_template_that_refuses_a_row_skips_it(tok):
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}" + tok.chat_template)
+    rows = datasets.Dataset.from_list([{"messages": CHAT}, {"messages": CHAT[1:]}])
+    data, report = tokenize(rows, strict, template="chat")
+    assert report.skipped == {"the chat template refuses it: System role not supported": 1} and len(data) == 1
+    assert data[0]["input_ids"] == tokenize(rows.select([1]), tok, template="chat")[0][0]["input_ids"]
 
 
 def test_bad_rows_of_a_file_are_skipped_and_named(tmp_path, tok):
