@@ -29,6 +29,7 @@ COLUMN_ROLES = {"instruction": "instruction", "input": "input", "output": "outpu
 READ_TAGS = {"role_tag": ("from", "role"), "content_tag": ("value", "content"), "user_tag": ("human", "user"),
              "assistant_tag": ("gpt", "assistant", "model"), "system_tag": ("system",)}
 ENTRY_KEYS = ("path", "file_name", "hub", "hf_hub_url", "format", "formatting", "columns", "split", "subset", "tags")
+MIRRORS = ("ms_hub_url", "om_hub_url")  # LLaMA-Factory's ModelScope / Modelers copies of the hub dataset
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,16 @@ def resolve(data: str, registry: str | Path | None, format: str = "auto", column
         return DataSource(data, format, columns, split)
     entry = entries[data]
     where = f"{registry}: dataset {data!r}"
-    unknown = [key for key in entry if key not in ENTRY_KEYS]
+    unknown = [key for key in entry if key not in ENTRY_KEYS + MIRRORS]
     if unknown:
         raise ValueError(f"{where}: unsupported key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                          f"softprompt reads {', '.join(ENTRY_KEYS)}")
     paths = [entry[key] for key in ("path", "file_name") if key in entry]
     hubs = [entry[key] for key in ("hub", "hf_hub_url") if key in entry]
     if len(paths) + len(hubs) != 1 or not all(isinstance(v, str) and v for v in paths + hubs):
-        raise ValueError(f"{where}: give exactly one of path (or file_name) and hub (or hf_hub_url), as a string")
+        mirror = " (ModelScope and Modelers copies are not read)" if any(key in entry for key in MIRRORS) else ""
+        raise ValueError(f"{where}: give exactly one of path (or file_name) and hub (or hf_hub_url), as a "
+                         f"string{mirror}")
     location = HUB + hubs[0] if hubs else str(Path(registry).parent / paths[0])
     entry_format = entry.get("format", entry.get("formatting", format))
     if entry_format not in FORMATS:

@@ -13,7 +13,8 @@ shuffling or splitting, so that they still point into the file.
 
 Files are read by `readers.py` (values as the file has them); the format (`format="auto"`: from the
 columns, `conversations.py`) decides which columns are kept. Conversations keep a `messages` column (the
-turns as the file has them) and a `system` column when the file has one; `tokenize` checks each row.
+turns as the file has them) and a `system` column when the file has one; Alpaca rows keep a `system`
+column only when one is named (ColumnMap(system=...)). `tokenize` checks each row.
 
 Length-grouped batching works with these columns as they are: `TrainingArguments(
 train_sampling_strategy="group_by_length")` measures `len(row["input_ids"])` (the tokenizer's first
@@ -49,18 +50,19 @@ _SHOWN_ROWS = 5  # row numbers listed per reason in a report
 @dataclass(frozen=True)
 class ColumnMap:
     """Which of the file's columns hold the instruction, the optional input and the output (Alpaca rows), or
-    the turns (default: `conversations` for ShareGPT, `messages` for messages) and the optional system text."""
+    the turns (default: `conversations` for ShareGPT, `messages` for messages), and the optional system text
+    (default: a `system` column of a conversation file; Alpaca rows read one only when it is named)."""
 
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
     messages: str | None = None
-    system: str = "system"
+    system: str | None = None
 
     def __post_init__(self) -> None:
         for name in (*FIELDS, "system", "messages"):
             value = getattr(self, name)
-            if (name != "messages" or value is not None) and (not isinstance(value, str) or not value):
+            if (name in FIELDS or value is not None) and (not isinstance(value, str) or not value):
                 raise ValueError(f"ColumnMap.{name}={value!r} is not valid; give the column's name")
         if len({self.instruction, self.input, self.output}) < 3:
             raise ValueError(f"{self} maps two fields to one column; give each field its own column")
@@ -123,7 +125,7 @@ def load_rows(path: str | Path, columns: ColumnMap | None = None, format: str = 
     """
     columns = columns or ColumnMap()
     conversation = {columns.messages} if columns.messages else set(DEFAULT_COLUMN.values())
-    wanted = {columns.instruction, columns.input, columns.output, columns.system, *conversation}
+    wanted = {columns.instruction, columns.input, columns.output, columns.system or "system", *conversation}
     table = read_table(path, wanted, columns.input, split, subset)
     source = str(path) if str(path).startswith(HUB) else Path(path)
     if len(table) == 0:
@@ -138,7 +140,8 @@ def _select(path: Path | str, table: datasets.Dataset, columns: ColumnMap, forma
     except ValueError as e:
         raise DataError(str(e)) from None
     if format != "alpaca":
-        return _select_conversations(path, table, columns.messages or DEFAULT_COLUMN[format], columns.system, format)
+        return _select_conversations(path, table, columns.messages or DEFAULT_COLUMN[format],
+                                     columns.system or "system", format)
     required = ["instruction", "output"] + ([] if columns.input == "input" else ["input"])  # a named input must exist
     for name in required:
         column = getattr(columns, name)
@@ -148,7 +151,12 @@ def _select(path: Path | str, table: datasets.Dataset, columns: ColumnMap, forma
     if columns.input not in present:
         table = table.add_column(columns.input, [""] * len(table), feature=datasets.Value("string"))
     mapping = {getattr(columns, name): name for name in FIELDS}
-    table = table.select_columns(list(mapping)).rename_columns(mapping).select_columns(list(FIELDS))
+    if columns.system is not None:  # named: it must be there
+        if columns.system not in present:
+            raise DataError(f"{path}: no column {columns.system!r} for the system text (columns present: "
+                            f"{', '.join(present)}); name one of them, or none")
+        mapping[columns.system] = "system"
+    table = table.select_columns(list(mapping)).rename_columns(mapping).select_columns(list(mapping.values()))
     table.info.description = _SOURCE_TAG + str(path)
     return table
 
@@ -172,9 +180,9 @@ def _source_of(dataset: datasets.Dataset) -> str:
 
 # ---- tokenizing -------------------------------------------------------------------------------------
 
-def _row_problem(instruction: Any, input: Any, output: Any) -> str | None:
-    for name, value in (("instruction", instruction), ("input", input), ("output", output)):
-        if value is None and name != "input":
+def _row_problem(instruction: Any, input: Any, output: Any, system: Any = None) -> str | None:
+    for name, value in (("instruction", instruction), ("input", input), ("output", output), ("system", system)):
+        if value is None and name in ("instruction", "output"):
             return f"{name} is missing"
         if value is not None and not isinstance(value, str):
             return f"{name} is {type(value).__name__}, not a string"
@@ -241,10 +249,12 @@ def tokenize(
             return problems, texts
         size = len(batch["instruction"])
         inputs = batch["input"] if "input" in batch else [None] * size
-        problems = [_row_problem(*row) for row in zip(batch["instruction"], inputs, batch["output"])]
-        texts = [[] if problem else list(zip(training_texts(tokenizer, template, instruction, input or "", output),
-                                             (False, True)))
-                 for problem, instruction, input, output in zip(problems, batch["instruction"], inputs, batch["output"])]
+        systems = batch["system"] if "system" in batch else [None] * size
+        rows = list(zip(batch["instruction"], inputs, batch["output"], systems))
+        problems = [_row_problem(*row) for row in rows]
+        texts = [[] if problem else list(zip(training_texts(tokenizer, template, instruction, input or "", output,
+                                                            system), (False, True)))
+                 for problem, (instruction, input, output, system) in zip(problems, rows)]
         return problems, texts
 
     def encode(batch: dict[str, list]) -> pa.Table:

@@ -20,13 +20,18 @@ def alpaca_prompt(instruction: str, input: str) -> str:
 
 
 def training_texts(
-    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str, output: str
+    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str, output: str,
+    system: str | None = None,
 ) -> tuple[str, str]:
-    """(prompt, response) as text: the prompt's tokens are masked from the loss, the response's learned."""
+    """(prompt, response) as text: the prompt's tokens are masked from the loss, the response's learned.
+    A system text goes first, as in a conversation (`conversation_texts`)."""
+    system = [{"role": "system", "content": system}] if system and system.strip() else []
     if template == "alpaca":
-        return alpaca_prompt(instruction, input), output + tokenizer.eos_token
+        before = system[0]["content"].strip() + "\n\n" if system else ""
+        return before + alpaca_prompt(instruction, input), output + tokenizer.eos_token
     user = {"role": "user", "content": (instruction + "\n" + input).strip()}
-    (prompt, _), (response, _) = conversation_texts(tokenizer, template, [user, {"role": "assistant", "content": output}])
+    messages = [*system, user, {"role": "assistant", "content": output}]
+    (prompt, _), (response, _) = conversation_texts(tokenizer, template, messages)
     return prompt, response
 
 

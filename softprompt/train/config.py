@@ -81,7 +81,7 @@ class TrainConfig:
     format: str = "auto"
     loss_on: str = "assistant"
     messages_column: str | None = None
-    system_column: str = "system"
+    system_column: str | None = None  # default: a conversation file's `system` column; Alpaca rows: none
     data_split: str = "train"  # the split of a hub dataset (hub:owner/name) or of a DatasetDict folder
     dataset_registry: str | None = None  # a JSON file of name -> {path or hub, format, columns, split}
     # Packing (docs/TRAINING.md): the rows of one optimizer step (batch x accumulation) run as packed
@@ -152,7 +152,7 @@ class TrainConfig:
 
     def _source(self, data: str) -> DataSource:
         defaults = {"instruction": "instruction", "input": "input", "output": "output", "messages": None,
-                    "system": "system"}
+                    "system": None}
         columns = {role: getattr(self, f"{role}_column") for role in defaults}
         given = {role: name for role, name in columns.items() if name != defaults[role]}
         return resolve(str(data), self.dataset_registry, self.format, given, self.data_split)

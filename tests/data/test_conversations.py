@@ -160,6 +160,21 @@ def test_formats_named_or_detected(tmp_path, tok):
         load_rows(write_rows(tmp_path / "m.jsonl", [{"messages": CHAT}]), format="sharegpt")
 
 
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_a_named_system_column_of_alpaca_rows_is_the_system_turn(tmp_path, tok, template):
+    rows = [{"instruction": "Write apple.", "input": "", "output": "APPLE", "sys": "Answer in capitals."},
+            {"instruction": "Write", "input": "river", "output": "RIVER", "sys": ""}]
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    named = tokenize(load_rows(path, ColumnMap(system="sys")), tok, template=template)[0].to_list()
+    chats = [[CHAT[0], CHAT[1], CHAT[2]], [{"role": "user", "content": "Write\nriver"}, {"role": "assistant", "content": "RIVER"}]]
+    expected = tokenize(datasets.Dataset.from_list([{"messages": m} for m in chats]), tok, template=template)[0]
+    assert named == expected.to_list()
+    plain = tokenize(load_rows(path), tok, template=template)[0].to_list()  # not named: not read, as before
+    assert plain[1] == named[1] and plain[0] != named[0]
+    with pytest.raises(DataError, match="no column 'system' for the system text"):
+        load_rows(path, ColumnMap(system="system"))
+
+
 def test_a_file_of_no_known_format_is_refused_in_one_line(tmp_path):
     path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(DataError) as error:

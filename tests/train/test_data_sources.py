@@ -95,6 +95,15 @@ def test_a_registry_name_reads_its_file_format_and_columns(workspace, tmp_path):
         "support": {"path": "dialogs.jsonl", "format": "sharegpt", "columns": {"messages": "dialog", "system": "sys"}},
         "caps": {"file_name": "pairs.json", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}},
         "ranked": {"file_name": "pairs.json", "ranking": True},
+        # LLaMA-Factory's entries as written: mirrors beside hf_hub_url, role/content tags, a system column
+        "orca": {"hf_hub_url": "Open-Orca/OpenOrca", "ms_hub_url": "AI-ModelScope/OpenOrca",
+                 "columns": {"prompt": "question", "response": "response", "system": "system_prompt"}},
+        "ultrachat": {"hf_hub_url": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "formatting": "sharegpt",
+                      "columns": {"messages": "messages"}, "tags": {"role_tag": "role", "content_tag": "content",
+                                                                     "user_tag": "user", "assistant_tag": "assistant"}},
+        "deepctrl": {"ms_hub_url": "deepctrl/deepctrl-sft-data"},
+        "toolcall": {"file_name": "dialogs.jsonl", "formatting": "sharegpt",
+                     "columns": {"messages": "conversations", "tools": "tools"}},
     }))
     tok = AutoTokenizer.from_pretrained(workspace / "model")
     base = {"model": str(workspace / "model"), "dataset_registry": str(registry), "val_size": 0,
@@ -106,6 +115,16 @@ def test_a_registry_name_reads_its_file_format_and_columns(workspace, tmp_path):
     caps = load_data(TrainConfig.from_mapping({**base, "data": "caps"}), tok)[0]
     assert len(caps) == 8 and tok.decode([t for t in caps[0]["labels"] if t != -100]) == "APPLE</s>"
 
+    orca = TrainConfig.from_mapping({**base, "data": "orca"}).data_source
+    assert (orca.location, orca.columns) == ("hub:Open-Orca/OpenOrca", {"instruction": "question",
+                                                                       "output": "response", "system": "system_prompt"})
+    ultrachat = TrainConfig.from_mapping({**base, "data": "ultrachat"}).data_source
+    assert (ultrachat.location, ultrachat.format, ultrachat.split) == ("hub:HuggingFaceH4/ultrachat_200k", "sharegpt",
+                                                                        "train_sft")
+    with pytest.raises(ValueError, match=r"'deepctrl': give exactly one of .* \(ModelScope and Modelers copies"):
+        TrainConfig.from_mapping({**base, "data": "deepctrl"})
+    with pytest.raises(ValueError, match=r"'toolcall': columns 'tools' are not read"):
+        TrainConfig.from_mapping({**base, "data": "toolcall"})
     with pytest.raises(ValueError, match=r"data='suport' is neither a name in .* \(did you mean support\?\)"):
         TrainConfig.from_mapping({**base, "data": "suport"})
     with pytest.raises(ValueError, match=r"dataset 'ranked': unsupported key 'ranking'"):
