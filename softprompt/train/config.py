@@ -239,6 +239,9 @@ class TrainConfig:
             if "dataloader_num_workers" not in self.training:
                 args["dataloader_num_workers"] = 2
                 args["dataloader_persistent_workers"] = True
+            # accelerate copies each batch to the GPU; blocking copies would wait for the previous step to finish
+            # (the loader pins its batches, so these copies overlap the GPU's work)
+            args["accelerator_config"] = {"non_blocking": True}
         if "use_cpu" not in self.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # torchrun / accelerate launch on a CPU-only machine: Trainer runs data-parallel over gloo only
             # with use_cpu=True; without it every process trains alone on the whole data.

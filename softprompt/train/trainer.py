@@ -286,6 +286,8 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     collator = PackingCollator.for_model(model, tokenizer, config.max_length, config.pack_tokens)
     if config.pack_length:
         collator = dataclasses.replace(collator, row_length=config.pack_length)
+    if args.device.type == "cuda":  # few distinct shapes: each new one costs host time in cuBLAS
+        collator = dataclasses.replace(collator, fixed_shapes=True, pad_multiple=16)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
     if args.should_log:
