@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.core.generation import generate
 from softprompt.core.layout import Arranged, arrange
-from softprompt.hf.backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
+from softprompt.hf.backbone import head_loss, packed_hidden_states, packed_mask, sliding_window
 from softprompt.hf.cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
 from softprompt.hf.checkpointing import keep_prefix_cache
 from softprompt.io import files
@@ -363,12 +363,11 @@ class PeftModel(PreTrainedModel):
             self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
         )
         index, targets = packing["loss_index"], packing["loss_targets"]
-        logits = head_logits(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+        loss, logits = head_loss(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
         num_items = kwargs.get("num_items_in_batch")
         if num_items is None:  # counted on the device: loss_targets may end in ignored padding
             num_items = (targets != -100).sum().clamp(min=1)
-        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / num_items
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss / num_items, logits=logits)
 
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()

@@ -187,6 +187,50 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+# Above this many logits (rows x vocabulary) the loss is computed a chunk of rows at a time (`head_loss`).
+HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+              chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed cross-entropy of the LM head on hidden states `(N, D)` against `targets` `(N,)` (-100 ignored),
+    and the logits `(N, vocab)`; None for the logits when they were too many to keep.
+
+    Batch 32 of 256-token rows has ~3,500 loss positions: with a 49k vocabulary their logits, fp32 copy and
+    gradient are ~1.7 GB held from the forward to the backward. Past `chunk_elements` logits the loss runs a
+    chunk of rows at a time and each chunk's gradient is taken in the forward (the loss is a sum, so the
+    backward only scales it): no (N, vocab) tensor outlives its chunk. The head's weights are frozen here."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // vocab)
+    head = model.get_output_embeddings()
+    if hidden.shape[0] <= chunk or not (torch.is_grad_enabled() and hidden.requires_grad) or any(
+        p.requires_grad for p in head.parameters()
+    ):
+        logits = head_logits(model, hidden)
+        return nn.functional.cross_entropy(logits.float(), targets, reduction="sum"), logits
+    return _ChunkedHeadLoss.apply(hidden, targets, partial(head_logits, model), chunk), None
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk):
+        grad = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            part = hidden[start : start + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(head(part).float(), targets[start : start + chunk], reduction="sum")
+            (grad[start : start + chunk],) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> str | None:
     """`torch.compile` each decoder layer of the frozen base in place (one graph serves every layer); the
     reason when it is skipped. Shapes are dynamic (packed micro-batches vary in rows and length), and a

@@ -214,3 +214,28 @@ def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
     llama.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'.*packing=false"):
         check_packable(llama)
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+@pytest.mark.parametrize("variant", ["prompt_random", "prefix_proj"])
+def test_chunked_loss_equals_the_whole_logits(family, variant, tokenizer_dir, monkeypatch):
+    """Past HEAD_CHUNK_ELEMENTS logits the packed loss runs a few rows of logits at a time (gradients taken
+    in the forward): the same loss and gradients, and no logits kept."""
+    import softprompt.hf.backbone as backbone
+
+    torch.manual_seed(5)
+    model = build_ours(make_base(family), VARIANTS[variant], tokenizer_dir).train()
+    batch = PackingCollator(PromptWidths.of(model), row_length=64)(rows(lengths=(9, 12, 7, 11)))
+    (pack,) = batch["packs"]
+    out = model(**pack)
+    out.loss.backward()
+    ref_grads = grads(model)
+    assert out.logits is not None
+    model.zero_grad()
+    monkeypatch.setattr(backbone, "HEAD_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 positions
+    chunked = model(**pack)
+    chunked.loss.backward()
+    assert chunked.logits is None
+    torch.testing.assert_close(chunked.loss, out.loss, atol=1e-6, rtol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
