@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence as Seq
 import torch
 
 from softprompt.core.decoding import decode_step, prefill
+from softprompt.hf.slot_cache import SlotCache
 from softprompt.serve.graphs import DecodeGraphs
-from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.serve.kv import SlotStore
 from softprompt.serve.params import SamplingParams
 from softprompt.serve.sampler import select_tokens
 from softprompt.serve.scheduler import Scheduler

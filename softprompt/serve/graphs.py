@@ -21,7 +21,8 @@ import torch
 
 from softprompt.core.decoding import decode_step
 from softprompt.hf.masks import capturable_masks
-from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.hf.slot_cache import SlotCache
+from softprompt.serve.kv import SlotStore
 
 log = logging.getLogger("softprompt.serve")
 
