@@ -154,7 +154,7 @@ def test_the_seams_are_seen():
 
 def test_no_branch_on_a_methods_name_outside_the_method_files():
     """The centre asks each method what it needs (`learning_rate`, `prompt_in_vocabulary`, `placement`, ...)."""
-    from softprompt.methods.adapter import methods
+    from softprompt.methods.config import methods
 
     names = {n for cls in methods().values() for n in (cls.method_name(), cls.peft_type)}
     classes = {cls.__name__ for cls in methods().values()}
@@ -179,10 +179,11 @@ def test_no_branch_on_a_methods_name_outside_the_method_files():
 
 def test_only_the_public_names_import_a_method_file():
     """The centre works through the interface and the registry (`methods/adapter.py`, `methods/config.py`);
-    only `softprompt/__init__.py` (peft's names) imports a method's own file."""
-    from softprompt.methods.adapter import methods
+    only `softprompt/__init__.py` (peft's names) imports a method's own file (`methods/<method_name>.py`)."""
+    from softprompt.methods.config import methods
 
-    files = {cls.__module__ for cls in methods().values()}
+    files = {f"softprompt.methods.{name}" for name in methods()}
+    assert all(_is_module(f) for f in files), files
     wrong = [f"{name}:{line} imports {target}" for name, tree in modules().items()
              if layer(name) != "methods" and name != "softprompt"
              for target, line in imported(name, tree) if target in files]
