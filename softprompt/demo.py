@@ -15,9 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from softprompt.methods.adapter import methods
+from softprompt.methods.config import methods
 
 DEFAULTS = {
     "method": "p_tuning",
@@ -45,6 +43,8 @@ def run(
     packing: bool = True,
 ) -> dict:
     """Run the demo; returns {"before", "after", "seconds", "output_dir"} and prints the story."""
+    import torch  # here, not at the top: `softprompt --help` and `softprompt train` read this module's options
+
     from softprompt.data.rows import load_rows
     from softprompt.data.demo import write_demo_dataset
     from softprompt.inference.evaluate import evaluate

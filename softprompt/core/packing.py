@@ -10,9 +10,10 @@ where `v` are the virtual tokens of each row's own adapter (prompt tuning, P-tun
 restarts its positions. A prefix-tuning segment has no `v`: it sees its adapter's key/value prefix through
 the attention mask, and its positions start after the prefix, as the row alone. The mask lets a token see
 only earlier tokens of its own segment (and its adapter's prefix), so each segment computes exactly what
-the row computes alone; `PeftModel` builds that mask and gathers the prompts (`layout.packed_inputs`).
+the row computes alone; `packed_forward` (what `PeftModel.forward(packing=...)` runs) builds that mask and
+gathers the prompts.
 
-Everything here runs on the CPU in the data loader (no host-device sync in the step): the layout, the
+The collator runs on the CPU in the data loader (no host-device sync in the step): the layout, the
 positions, and the flat indices and targets of the positions that carry a loss.
 """
 
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from softprompt.hf.backbone import check_packable
+from softprompt.hf.backbone import check_packable, head_loss, packed_hidden_states, packed_mask, sliding_window
+from softprompt.hf.cache import build_prefix_cache, reentrant_checkpointing, route_prefix_grad
 
 IGNORE_INDEX = -100
 TASK_FIELD = "adapter_names"  # a row's adapter (multi-task data); rows without it use the default adapter
@@ -219,3 +222,48 @@ def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# -- the packed forward ---------------------------------------------------------------------------
+def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names, kwargs: dict) -> CausalLMOutputWithPast:
+    """`PeftModel.forward(packing=...)`: one forward over packed rows (the collator's batch); no host-device sync."""
+    if isinstance(adapter_names, str) or adapter_names is None:
+        adapter_names = [adapter_names if adapter_names is not None else model.active_adapter]
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)  # (R, T, D)
+    dtype = inputs_embeds.dtype
+    names = list(adapter_names)
+    for n in names:
+        if n is not None:
+            model._check_adapter(n)
+    adapters = [model.prompt_encoder[n] if n is not None else None for n in names]
+    virtual = [a.input_embeddings() for a in adapters if a is not None and a.placement == "input"]
+    if virtual:  # each segment's virtual slots take rows of the adapters' prompts, stacked in `names` order
+        table = torch.cat(virtual).to(dtype)  # (sum V, D)
+        # Written at their slots by index: gathering a (R, T) index from the table would make the backward an
+        # accumulating scatter of every slot (milliseconds), where this one touches the virtual slots only.
+        R, T, D = inputs_embeds.shape
+        inputs_embeds = inputs_embeds.reshape(R * T, D).index_copy(
+            0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"])
+        ).view(R, T, D)
+    cache = None
+    kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
+    if kvs:
+        kv = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
+        kv = kv[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
+        if kv.requires_grad and reentrant_checkpointing(model.base_model):
+            kv, inputs_embeds = route_prefix_grad(kv, inputs_embeds)
+        cache = build_prefix_cache(model.config, kv, frozen=True)
+    mask = packed_mask(
+        packing["segment_ids"], packing["position_ids"], packing["token_adapter"], packing["prefix_owner"],
+        packing["prefix_positions"], sliding_window(model.config),
+    )
+    hidden = packed_hidden_states(
+        model.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
+    )
+    index, targets = packing["loss_index"], packing["loss_targets"]
+    loss, logits = head_loss(model.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
+    num_items = kwargs.get("num_items_in_batch")
+    if num_items is None:  # counted on the device: loss_targets may end in ignored padding
+        num_items = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss / num_items, logits=logits)

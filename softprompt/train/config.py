@@ -22,8 +22,7 @@ import yaml
 
 from softprompt.data.conversations import FORMATS, LOSS_ON
 from softprompt.data.registry import DataSource, resolve
-from softprompt.methods.adapter import methods
-from softprompt.methods.config import PromptLearningConfig
+from softprompt.methods.config import PromptLearningConfig, methods
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -138,14 +137,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} is not valid; give a name")
         object.__setattr__(self, "data_source", self._source(self.data))
         object.__setattr__(self, "eval_source", self._source(self.eval_data) if self.eval_data else None)
-        own = set(method_keys(self.method))
-        for key in self.peft:
-            if key not in own:
-                owners = [m for m in METHODS if key in method_keys(m)]
-                raise ValueError(
-                    f"{key} is a {' / '.join(owners)} option, but method={self.method!r}; "
-                    f"remove it or set method to {owners[0]!r}"
-                )
+        _check_method_keys(self.method, self.peft)
         if "output_dir" not in self.training:
             raise ValueError("output_dir is required (TrainConfig.from_mapping sets a default)")
         object.__setattr__(self, "method_config", METHODS[self.method].for_training(self.peft, self.model))
@@ -167,10 +159,9 @@ class TrainConfig:
         values["method"] = method
         peft = {k: _coerce(k, v, _type_of(METHODS[method], k))
                 for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
-        # The method's own options first: they need neither a model nor transformers' TrainingArguments
-        mine_only = set(method_keys(method))
-        METHODS[method].for_training({k: v for k, v in peft.items() if k in mine_only},
-                                     str(values.get("model", cls.model)))
+        # The method's options first: they need neither a model nor transformers' TrainingArguments
+        _check_method_keys(method, peft)
+        METHODS[method].for_training(peft, str(values.get("model", cls.model)))
         unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in training_keys()]
         if unknown:
             known = sorted(own) + ALL_METHOD_KEYS + training_keys()
@@ -257,6 +248,17 @@ class TrainConfig:
         """The method's config, built again with the base model's tokenizer (prompt tuning's TEXT init counts
         the text's tokens: one virtual token per token when num_virtual_tokens is not given, as the seed)."""
         return METHODS[self.method].for_training(self.peft, self.model, tokenizer)
+
+
+def _check_method_keys(method: str, keys: dict[str, Any]) -> None:
+    """Refuse a key of another method, naming its method."""
+    own = set(method_keys(method))
+    for key in keys:
+        if key not in own:
+            owners = [m for m in METHODS if key in method_keys(m)]
+            raise ValueError(
+                f"{key} is a {' / '.join(owners)} option, but method={method!r}; remove it or set method to {owners[0]!r}"
+            )
 
 
 def _has_accelerator() -> bool:

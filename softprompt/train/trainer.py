@@ -73,8 +73,8 @@ class SoftPromptTrainer(StagedCheckpointTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packs = inputs.get("packs")
-        if packs is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if packs is None:  # a padded batch: the LM head only where a label follows (the same loss, less work)
+            return super().compute_loss(model, {**inputs, "loss_only": True}, return_outputs, num_items_in_batch)
         loss = sum(model(**pack, num_items_in_batch=inputs["num_items"]).loss for pack in packs)
         return (loss, None) if return_outputs else loss
 
@@ -249,9 +249,9 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     args = config.training_arguments(has_eval=val_data is not None)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, config.peft_config(tokenizer), tokenizer=tokenizer)
-    peft_model.loss_only = True  # the LM head only where a label follows: the same loss, less work
     if "prediction_loss_only" not in config.training:
-        args.prediction_loss_only = True  # eval reports loss; gathering partial logits would only cost memory
+        # eval reports loss; its logits are partial (compute_loss passes loss_only) and would only cost memory
+        args.prediction_loss_only = True
     if args.should_log:
         peft_model.print_trainable_parameters()
         if "learning_rate" not in config.training:
