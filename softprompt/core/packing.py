@@ -99,7 +99,8 @@ class PackingCollator:
         packs = [self._tensors(mb, segments) for mb in plan(self._sizes(segments), self.row_length, self.token_budget,
                                                             self.pad_multiple)]
         num_items = sum(int(p["packing"]["loss_index"].numel()) for p in packs)
-        return {"packs": packs, "num_items": num_items}
+        num_tokens = sum(len(ids) for ids, _, _ in segments)  # text tokens, for tokens/s without a device sync
+        return {"packs": packs, "num_items": num_items, "num_tokens": num_tokens}
 
     def _sizes(self, segments) -> list[int]:
         return [self.widths.virtual[name] + len(ids) for ids, _, name in segments]
