@@ -39,14 +39,13 @@ from softprompt.hf.backbone import compile_layers
 from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
+from softprompt.io.files import STOP_FILE_NAME, TRAINER_LOG_NAME
 from softprompt.train.config import TrainConfig, base_dtype
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "softprompt_train.yaml"  # the run's whole config, beside the adapter
 LOSS_PLOT_NAME = "loss.png"
-TRAINER_LOG_NAME = "trainer_log.jsonl"  # one JSON line per log, written while the run goes
-STOP_FILE_NAME = "STOP"  # created by whoever wants the run to end (the server's training page)
 
 
 class SoftPromptTrainer(StagedCheckpointTrainer):
