@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.core.generation import generate
 from softprompt.core.layout import Arranged, arrange
-from softprompt.hf.backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
+from softprompt.hf.backbone import head_loss, packed_hidden_states, packed_mask, sliding_window
 from softprompt.hf.cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
 from softprompt.hf.checkpointing import keep_prefix_cache
 from softprompt.io import files
@@ -341,8 +341,12 @@ class PeftModel(PreTrainedModel):
         virtual = [a.input_embeddings() for a in adapters if a is not None and a.placement == "input"]
         if virtual:  # each segment's virtual slots take rows of the adapters' prompts, stacked in `names` order
             table = torch.cat(virtual).to(dtype)  # (sum V, D)
-            slot = packing["virtual_slot"]
-            inputs_embeds = torch.where((slot >= 0)[..., None], table[slot.clamp(min=0)], inputs_embeds)
+            # Written at their slots by index: gathering a (R, T) index from the table would make the backward
+            # an accumulating scatter of every slot (milliseconds), where this one touches the virtual slots only.
+            R, T, D = inputs_embeds.shape
+            inputs_embeds = inputs_embeds.reshape(R * T, D).index_copy(
+                0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"])
+            ).view(R, T, D)
         cache = None
         kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
         if kvs:
@@ -359,12 +363,11 @@ class PeftModel(PreTrainedModel):
             self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
         )
         index, targets = packing["loss_index"], packing["loss_targets"]
-        logits = head_logits(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+        loss, logits = head_loss(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
         num_items = kwargs.get("num_items_in_batch")
-        if num_items is None:
-            num_items = max(int(index.numel()), 1)
-        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / num_items
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        if num_items is None:  # counted on the device: loss_targets may end in ignored padding
+            num_items = (targets != -100).sum().clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss / num_items, logits=logits)
 
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()

@@ -63,8 +63,12 @@ class PackingCollator:
     widths: PromptWidths
     row_length: int = 512
     token_budget: int = 16384
-    pad_multiple: int = 8
+    pad_multiple: int = 8  # of the key length (prefix slots + row length)
     pad_token_id: int = 0
+    # Few distinct shapes: every micro-batch as long as `row_length`, and the loss positions padded to a
+    # multiple of 64. On a GPU each new matrix shape costs milliseconds of host time (cuBLAS picks its
+    # kernel), more than the padding costs the device.
+    fixed_shapes: bool = False
 
     def __post_init__(self) -> None:
         for name in ("row_length", "token_budget", "pad_multiple"):
@@ -96,9 +100,10 @@ class PackingCollator:
                 known = ", ".join(sorted(str(n) for n in self.widths.virtual if n is not None))
                 raise ValueError(f"row {i} is for adapter {name!r}, which the model does not have; adapters: {known}")
             segments.append((ids, labels, name))
-        packs = [self._tensors(mb, segments) for mb in plan(self._sizes(segments), self.row_length, self.token_budget,
-                                                            self.pad_multiple)]
-        num_items = sum(int(p["packing"]["loss_index"].numel()) for p in packs)
+        micro_batches = plan(self._sizes(segments), self.row_length, self.token_budget, self.pad_multiple,
+                             min_width=self.row_length if self.fixed_shapes else 0)
+        packs = [self._tensors(mb, segments) for mb in micro_batches]
+        num_items = sum(p.pop("num_targets") for p in packs)
         num_tokens = sum(len(ids) for ids, _, _ in segments)  # text tokens, for tokens/s without a device sync
         return {"packs": packs, "num_items": num_items, "num_tokens": num_tokens}
 
@@ -118,7 +123,11 @@ class PackingCollator:
             owner += [u] * p
             prefix_pos += list(range(p))
         sizes = [sum(self.widths.virtual[segments[i][2]] + len(segments[i][0]) for i in row) for row in rows]
-        T = _round_up(max(sizes), self.pad_multiple)
+        # keys are the K prefix slots then the T slots: K + T a multiple of pad_multiple keeps the attention
+        # kernels on their aligned paths (an odd key length sends SDPA to a slower, larger one)
+        K = len(owner)
+        longest = max(sizes) if not self.fixed_shapes else max(*sizes, self.row_length)
+        T = _round_up(longest + K, self.pad_multiple) - K
         R = len(rows)
         input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
@@ -147,6 +156,12 @@ class PackingCollator:
                 start = end
         flat = targets.view(-1)
         loss_index = (flat != IGNORE_INDEX).nonzero().view(-1)
+        num_targets = int(loss_index.numel())
+        if self.fixed_shapes:  # extra positions with an ignored target: they add nothing to the loss
+            loss_index = torch.cat([loss_index, loss_index.new_zeros(_round_up(num_targets, 64) - num_targets)])
+        loss_targets = torch.cat([flat[loss_index[:num_targets]], flat.new_full((len(loss_index) - num_targets,),
+                                                                                IGNORE_INDEX)])
+        virtual_index = (virtual_slot.view(-1) >= 0).nonzero().view(-1)
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -158,17 +173,22 @@ class PackingCollator:
                 "token_adapter": token_adapter,  # (R, T): index into adapter_names, -1 for padding
                 "prefix_owner": torch.tensor(owner, dtype=torch.long),  # (K,): adapter of each prefix slot
                 "prefix_positions": torch.tensor(prefix_pos, dtype=torch.long),  # (K,)
+                "virtual_index": virtual_index,  # (M,): flat slots of virtual tokens ...
+                "virtual_rows": virtual_slot.view(-1)[virtual_index],  # (M,): ... and their rows of the prompts
                 "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
-                "loss_targets": flat[loss_index],  # (N,)
+                "loss_targets": loss_targets,  # (N,): IGNORE_INDEX for padding
             },
+            "num_targets": num_targets,
         }
 
 
-def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple: int = 8) -> list[list[list[int]]]:
+def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple: int = 8,
+         min_width: int = 0) -> list[list[list[int]]]:
     """Segment indices grouped into rows (first fit, longest first) and rows into micro-batches.
 
     A row holds segments totalling at most `row_length` slots (a longer segment gets a row alone). Rows go
-    into micro-batches while rows x (longest row, rounded up to `pad_multiple`) stays within `token_budget`.
+    into micro-batches while rows x (longest row or `min_width`, rounded up to `pad_multiple`) stays within
+    `token_budget`.
     Deterministic for given sizes, so a resumed run packs as the first one did.
     """
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
@@ -187,7 +207,7 @@ def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple:
     micro: list[list[list[int]]] = []
     width = 0
     for r in filled:
-        size = sum(sizes[i] for i in rows[r])
+        size = max(sum(sizes[i] for i in rows[r]), min_width)
         new_width = max(width, _round_up(size, pad_multiple))
         if micro and (len(micro[-1]) + 1) * new_width <= token_budget:
             micro[-1].append(rows[r])

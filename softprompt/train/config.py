@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from softprompt.data.conversations import FORMATS, LOSS_ON
+from softprompt.data.registry import DataSource, resolve
 from softprompt.methods.adapter import methods
 from softprompt.methods.config import PromptLearningConfig
 
@@ -74,6 +76,14 @@ class TrainConfig:
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
+    # Conversations (docs/TRAINING.md, Data): the format (auto: from the columns), whose tokens are learned,
+    # the column of turns (default: conversations / messages) and of the system text
+    format: str = "auto"
+    loss_on: str = "assistant"
+    messages_column: str | None = None
+    system_column: str | None = None  # default: a conversation file's `system` column; Alpaca rows: none
+    data_split: str = "train"  # the split of a hub dataset (hub:owner/name) or of a DatasetDict folder
+    dataset_registry: str | None = None  # a JSON file of name -> {path or hub, format, columns, split}
     # Packing (docs/TRAINING.md): the rows of one optimizer step (batch x accumulation) run as packed
     # micro-batches of at most pack_tokens slots; rows of at most pack_length slots (default: max_length plus
     # the prompt). packing=false keeps Trainer's padded micro-batches.
@@ -87,6 +97,9 @@ class TrainConfig:
     training: dict[str, Any] = field(default_factory=dict)
     # The method's config, built (and so checked) when the run config is read, before any model is loaded
     method_config: PromptLearningConfig = field(init=False, repr=False, compare=False)
+    # Where `data` and `eval_data` come from (a registry name resolved), also checked when the config is read
+    data_source: DataSource = field(init=False, repr=False, compare=False)
+    eval_source: DataSource | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,7 +127,17 @@ class TrainConfig:
                 or not 0 <= self.max_skipped_fraction <= 1:
             raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction!r} is not valid; give a fraction in [0, 1]")
         if not self.data:
-            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or folder")
+            raise ValueError("data is required: a .json/.jsonl/.csv/.parquet file or folder (Alpaca rows or "
+                             "conversations), hub:owner/name, or a name in dataset_registry")
+        for name, allowed in (("format", FORMATS), ("loss_on", LOSS_ON)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; allowed values: {', '.join(allowed)}")
+        for name in ("messages_column", "system_column", "data_split", "dataset_registry"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}={value!r} is not valid; give a name")
+        object.__setattr__(self, "data_source", self._source(self.data))
+        object.__setattr__(self, "eval_source", self._source(self.eval_data) if self.eval_data else None)
         own = set(method_keys(self.method))
         for key in self.peft:
             if key not in own:
@@ -126,6 +149,13 @@ class TrainConfig:
         if "output_dir" not in self.training:
             raise ValueError("output_dir is required (TrainConfig.from_mapping sets a default)")
         object.__setattr__(self, "method_config", METHODS[self.method].for_training(self.peft, self.model))
+
+    def _source(self, data: str) -> DataSource:
+        defaults = {"instruction": "instruction", "input": "input", "output": "output", "messages": None,
+                    "system": None}
+        columns = {role: getattr(self, f"{role}_column") for role in defaults}
+        given = {role: name for role, name in columns.items() if name != defaults[role]}
+        return resolve(str(data), self.dataset_registry, self.format, given, self.data_split)
 
     # -- building ---------------------------------------------------------------------------------
     @classmethod
@@ -154,8 +184,9 @@ class TrainConfig:
                 "TrainingArguments field"
             )
         if not values.get("data"):
-            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or "
-                             "save_to_disk folder (in the YAML config or as --data PATH)")
+            raise ValueError("data is required: a .json/.jsonl/.csv/.parquet file or save_to_disk folder (Alpaca "
+                             "rows or conversations), hub:owner/name, or a name in dataset_registry (in the YAML "
+                             "config or as --data ...)")
         mine = {k: _coerce(k, v, _type_of(cls, k)) for k, v in values.items() if k in own}
         training = {k: _coerce(k, v, _type_of(_training_arguments(), k))
                     for k, v in values.items() if k in training_keys()}
@@ -208,6 +239,9 @@ class TrainConfig:
             if "dataloader_num_workers" not in self.training:
                 args["dataloader_num_workers"] = 2
                 args["dataloader_persistent_workers"] = True
+            # accelerate copies each batch to the GPU; blocking copies would wait for the previous step to finish
+            # (the loader pins its batches, so these copies overlap the GPU's work)
+            args["accelerator_config"] = {"non_blocking": True}
         if "use_cpu" not in self.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # torchrun / accelerate launch on a CPU-only machine: Trainer runs data-parallel over gloo only
             # with use_cpu=True; without it every process trains alone on the whole data.
