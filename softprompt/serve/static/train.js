@@ -3,7 +3,9 @@
 // Uses app.js's $, headers, loadModels and switchTab. Server text is inserted as text, never HTML.
 "use strict";
 
-const train = { timer: null, status: null, prefilled: false };
+// clientError: the last refusal of the user's own action (stays until the next action); the run's error
+// comes with each status.
+const train = { timer: null, polling: false, status: null, prefilled: false, clientError: "" };
 const GOING = new Set(["starting", "running", "stopping"]);
 const POLL_MS = 500;
 
@@ -45,10 +47,16 @@ function seconds(s) {
     : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 
-function showError(message) {
+function showError(runError) {
+  const message = train.clientError || runError || "";
   const box = $("#train-error");
   box.hidden = !message;
-  box.textContent = message || "";
+  box.textContent = message;
+}
+
+function refuse(err) {
+  train.clientError = err.message;
+  showError(train.status && train.status.error);
 }
 
 function drawChart(losses, evals) {
@@ -121,10 +129,14 @@ function renderTrain(s) {
 
 async function pollTrain() {
   clearTimeout(train.timer);
+  if (train.polling) return; // one poll at a time; the one in flight schedules the next
+  train.polling = true;
   try {
     renderTrain(await trainCall("GET", "/v1/train"));
   } catch (err) {
-    showError(err.message);
+    refuse(err);
+  } finally {
+    train.polling = false;
   }
   const visible = $("#train").classList.contains("active");
   if (visible || (train.status && GOING.has(train.status.state))) train.timer = setTimeout(pollTrain, POLL_MS);
@@ -132,26 +144,28 @@ async function pollTrain() {
 
 async function startTrain(event) {
   event.preventDefault();
-  showError("");
+  train.clientError = "";
   $("#train-start").disabled = true;
   try {
     renderTrain(await trainCall("POST", "/v1/train", trainRequest()));
   } catch (err) {
-    showError(err.message);
+    refuse(err);
     $("#train-start").disabled = false;
   }
   pollTrain();
 }
 
 async function stopTrain() {
+  train.clientError = "";
   try {
     renderTrain(await trainCall("POST", "/v1/train/stop"));
   } catch (err) {
-    showError(err.message);
+    refuse(err);
   }
 }
 
 async function openTrained() {
+  train.clientError = "";
   try {
     const card = await trainCall("POST", "/v1/train/open");
     await loadModels();
@@ -164,7 +178,7 @@ async function openTrained() {
     $("#messages").replaceChildren();
     switchTab("chat");
   } catch (err) {
-    showError(err.message);
+    refuse(err);
   }
   pollTrain();
 }
