@@ -160,26 +160,47 @@ def chat_command(
 def eval_command(
     data: str, adapter: str | None, model: str | None, template: str | None, max_length: int, limit: int | None,
     batch_size: int, max_new_tokens: int | None, exact_match: bool, as_json: bool, show: int,
+    generate: bool = False, predictions: str = "generated_predictions.jsonl", max_num_seqs: int = 64,
 ) -> int:
-    """Loss, perplexity and exact-match accuracy of an adapter (or the bare model) on an Alpaca file."""
+    """Loss, perplexity and exact-match accuracy of an adapter (or the bare model) on an Alpaca file; with
+    `generate`, also BLEU-4 and ROUGE-1/2/L of answers decoded by the serving engine, written to `predictions`."""
     from softprompt.data.rows import load_rows
     from softprompt.inference.evaluate import evaluate
 
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is not valid; it must be a positive integer")
     rows = load_rows(data)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     lm, tokenizer, trained_template = load_for_inference(adapter, model)
-    result = evaluate(lm, tokenizer, rows, template=template or trained_template, max_length=max_length,
-                      exact_match=exact_match, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    template = template or trained_template
+    decode = _engine_decoder(lm, tokenizer, template, max_num_seqs) if generate else None
+    result = evaluate(lm, tokenizer, rows, template=template, max_length=max_length, exact_match=exact_match,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, generate=generate, decode=decode)
+    if generate:
+        result.write_predictions(predictions)
     if as_json:
-        print(json.dumps({"rows": result.rows, "loss": result.loss, "perplexity": result.perplexity,
-                          "tokens": result.tokens, "exact_match": result.exact_match}))
+        print(json.dumps(result.to_dict() | ({"predictions": predictions} if generate else {})))
     else:
         print(result.summary())
+        if generate:
+            print(f"predictions: {predictions}")
         for a in result.answers[:show]:
             mark = "ok " if a["correct"] else "bad"
             print(f"  [{mark}] expected {a['reference']!r}, got {a['prediction']!r}")
     return 0
+
+
+def _engine_decoder(lm, tokenizer, template: str, max_num_seqs: int):
+    """`(prompts, max_new_tokens) -> answers` through the serving engine: continuous batching, greedy."""
+    from softprompt.core.model import PeftModel
+    from softprompt.serve.engine import Engine
+
+    model = lm if isinstance(lm, PeftModel) else PeftModel.empty(lm)
+    adapter = next(iter(model.peft_config), None)  # load_for_inference loads one adapter, or none
+    engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs)
+    return lambda prompts, max_new_tokens: engine.answer(prompts, max_new_tokens, adapter,
+                                                         add_special_tokens=template == "alpaca")
 
 
 def inspect_command(adapter: str, model: str | None, top_k: int, as_json: bool) -> int:
@@ -246,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=1024, help="tokens of conversation kept")
     _add_generation_args(p, 256)
 
-    p = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset")
+    p = sub.add_parser("eval", help="loss, perplexity, exact match (and BLEU/ROUGE with --generate) on a dataset")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="Alpaca-style file or save_to_disk folder")
     p.add_argument("--max-length", type=int, default=256)
@@ -256,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="loss and perplexity only")
     p.add_argument("--json", dest="as_json", action="store_true")
     p.add_argument("--show", type=int, default=5, help="answers to print")
+    p.add_argument("--generate", action="store_true",
+                   help="also BLEU-4 and ROUGE-1/2/L (CJK-aware) of greedy answers decoded by the serving engine")
+    p.add_argument("--predictions", default="generated_predictions.jsonl",
+                   help="with --generate: the .jsonl file of {prompt, reference, prediction} written")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="with --generate: rows decoded together at most")
 
     p = sub.add_parser("inspect", help="describe an adapter folder")
     p.add_argument("adapter", help="adapter folder")
@@ -293,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seed, _generation_kwargs(args))
         if args.command == "eval":
             return eval_command(args.data, args.adapter, args.model, args.template, args.max_length, args.limit,
-                                args.batch_size, args.max_new_tokens, args.exact_match, args.as_json, args.show)
+                                args.batch_size, args.max_new_tokens, args.exact_match, args.as_json, args.show,
+                                args.generate, args.predictions, args.max_num_seqs)
         if args.command == "inspect":
             return inspect_command(args.adapter, args.model, args.top_k, args.as_json)
         if args.command == "demo":

@@ -120,6 +120,15 @@ def test_eval_reports_loss_perplexity_and_exact_match(workspace, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["exact_match"] == 1.0 and result["rows"] == 6
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    # --generate: the engine decodes with the adapter the same answers, so BLEU and ROUGE are perfect too.
+    predictions = workspace / "own_predictions.jsonl"
+    assert main(["eval", "--adapter", str(workspace / "adapter"), "--data", str(workspace / "own.jsonl"),
+                 "--max-new-tokens", "5", "--json", "--generate", "--predictions", str(predictions)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact_match"] == 1.0
+    assert [result[k] for k in ("bleu4", "rouge1", "rouge2", "rougeL")] == pytest.approx([100.0] * 4)
+    lines = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    assert [x["prediction"] for x in lines] == [a or "x" for a in answers] and lines[0]["prompt"] == prompts[0]
     write_rows(workspace / "other.jsonl", [dict(r, output=a + " nope") for r, a in zip(rows, answers)])
     assert main(["eval", "--model", str(workspace / "model"), "--data", str(workspace / "other.jsonl"),
                  "--max-new-tokens", "5"]) == 0

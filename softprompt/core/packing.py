@@ -107,7 +107,8 @@ class PackingCollator:
                              min_width=self.row_length if self.fixed_shapes else 0)
         packs = [self._tensors(mb, segments) for mb in micro_batches]
         num_items = sum(p.pop("num_targets") for p in packs)
-        return {"packs": packs, "num_items": num_items}
+        num_tokens = sum(len(ids) for ids, _, _ in segments)  # text tokens, for tokens/s without a device sync
+        return {"packs": packs, "num_items": num_items, "num_tokens": num_tokens}
 
     def _sizes(self, segments) -> list[int]:
         return [self.widths.virtual[name] + len(ids) for ids, _, name in segments]

@@ -1,21 +1,29 @@
-"""Scoring an adapter (or the bare base model) on Alpaca rows: loss, perplexity and exact match.
+"""Scoring an adapter (or the bare base model) on Alpaca rows: loss, perplexity, exact match, BLEU and ROUGE.
 
 - loss: mean cross-entropy over the response tokens (the labels `tokenize` keeps), token-weighted over
   the whole set; perplexity is exp(loss).
 - exact match: the greedy answer to each row's prompt, cut at the eos token and stripped of surrounding
   whitespace, equals the row's `output` stripped the same way.
+- generation metrics (`generate=True`): BLEU-4 and ROUGE-1/2/L of the same answers (`metrics.py`).
+
+The answers come from `generate_answers` (static batches) unless the caller passes `decode`, a function
+`(prompts, max_new_tokens) -> answers`: `softprompt eval` passes the serving engine's (continuous batching).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from softprompt.data.rows import make_collator, tokenize
 from softprompt.data.templates import prompt_text
+from softprompt.inference.metrics import generation_metrics
 
 
 def _left_padded(tokenizer):
@@ -96,6 +104,20 @@ class EvalResult:
     tokens: int = 0
     exact_match: float | None = None
     answers: list[dict] = field(default_factory=list)  # {"prompt", "reference", "prediction", "correct"}
+    metrics: dict[str, float] | None = None  # {"bleu4", "rouge1", "rouge2", "rougeL"}, 0-100
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
+                "exact_match": self.exact_match, **(self.metrics or {})}
+
+    def write_predictions(self, path: str | Path) -> Path:
+        """One JSON object a line: {"prompt", "reference", "prediction"}, in the rows' order."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for a in self.answers:
+                f.write(json.dumps({k: a[k] for k in ("prompt", "reference", "prediction")}, ensure_ascii=False) + "\n")
+        return path
 
     def summary(self) -> str:
         parts = [f"rows={self.rows}"]
@@ -104,6 +126,8 @@ class EvalResult:
         if self.exact_match is not None:
             correct = sum(a["correct"] for a in self.answers)
             parts.append(f"exact_match={self.exact_match:.3f} ({correct}/{len(self.answers)})")
+        if self.metrics is not None:
+            parts += [f"{name}={value:.2f}" for name, value in self.metrics.items()]
         return " ".join(parts)
 
 
@@ -117,9 +141,12 @@ def evaluate(
     exact_match: bool = True,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    generate: bool = False,
+    decode: Callable[[list[str], int], list[str]] | None = None,
 ) -> EvalResult:
     """Score `model` (a softprompt PeftModel, or a plain causal LM) on Alpaca rows (a `datasets.Dataset`
-    or a list of dicts with instruction / input / output)."""
+    or a list of dicts with instruction / input / output). `generate=True` adds BLEU-4 and ROUGE-1/2/L
+    of the greedy answers; `decode` replaces `generate_answers` (see the module docstring)."""
     import datasets
 
     if isinstance(rows, list):
@@ -132,20 +159,25 @@ def evaluate(
             tokenized, _ = tokenize(rows, tokenizer, max_length=max_length, template=template)
             result.loss, result.tokens = mean_loss(model, tokenized, make_collator(tokenizer), batch_size)
             result.perplexity = math.exp(result.loss) if result.tokens else None
-        if exact_match:
+        if exact_match or generate:
             inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
             prompts = [prompt_text(tokenizer, template, q, i or "") for q, i in zip(rows["instruction"], inputs)]
             references = [str(o) for o in rows["output"]]
             if max_new_tokens is None:  # room for the longest reference and a little more
                 longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=8)
                 max_new_tokens = longest + 8
-            predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                           batch_size=max(batch_size, 16), add_special_tokens=template == "alpaca")
+            if decode is not None:
+                predictions = decode(prompts, max_new_tokens)
+            else:
+                predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                               batch_size=max(batch_size, 16), add_special_tokens=template == "alpaca")
             result.answers = [
                 {"prompt": p, "reference": r, "prediction": a, "correct": is_exact_match(a, r)}
                 for p, r, a in zip(prompts, references, predictions)
             ]
             result.exact_match = sum(a["correct"] for a in result.answers) / max(len(result.answers), 1)
+            if generate:
+                result.metrics = generation_metrics(predictions, references)
     finally:
         model.train(was_training)
     return result

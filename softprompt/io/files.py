@@ -36,6 +36,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 STATE_NAME = "model.safetensors"
+# A training run's folder, besides the adapter: its live log and the file that asks it to stop (written
+# by train/trainer.py, read and created by the server's training page, serve/training.py).
+TRAINER_LOG_NAME = "trainer_log.jsonl"
+STOP_FILE_NAME = "STOP"
 EXPORT_KEY = "prompt_embeddings"
 
 

@@ -1,5 +1,5 @@
 """The HTTP server: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`, softprompt's
-`/v1/adapters`, and the playground page at `/`.
+`/v1/adapters` and `/v1/train` (the training page's runs, `training.py`), and the playground page at `/`.
 
 The request's `model` picks the adapter (or the base model by its name). Every failure answers with
 OpenAI's error object and a 4xx status; a request the engine could not finish answers 503.
@@ -36,8 +36,10 @@ from softprompt.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
+    TrainRequest,
 )
 from softprompt.serve.registry import AdapterExists, AdapterPathError, AdapterRegistry
+from softprompt.serve.training import RunActive, TrainingOff, TrainingRuns
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # far above what a prompt that fits a 2,048-token context takes
@@ -52,8 +54,10 @@ def create_app(
     api_key: str | None = None,
     chat_template: str = SEED_TEMPLATE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    training: TrainingRuns | None = None,
 ) -> FastAPI:
-    """The app around `engine`; its lifespan starts and stops the engine's thread."""
+    """The app around `engine`; its lifespan starts and stops the engine's thread (and ends a training run
+    still going). `training`: the runs of the training page (off when None)."""
     if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1024:
         raise ValueError(f"max_request_bytes={max_request_bytes!r} is not valid; give a number of bytes of at least 1024")
     if chat_template not in (SEED_TEMPLATE, TOKENIZER_TEMPLATE):
@@ -62,11 +66,13 @@ def create_app(
         raise ValueError("chat_template='tokenizer', but the tokenizer has no chat template; use 'seed'")
     runner = AsyncEngine(engine)
     registry = registry or AdapterRegistry(engine, model_name)
+    training = training or TrainingRuns(None, None, registry)
     started = int(time.time())
 
     async def lifespan(app: FastAPI):
         runner.start()
         yield
+        await run_in_threadpool(training.close)
         await run_in_threadpool(runner.stop)
 
     app = FastAPI(title="softprompt", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -268,6 +274,42 @@ def create_app(
         except KeyError as err:
             raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found") from err
         return {"id": name, "object": "model", "deleted": True}
+
+    # -- the training page's runs ---------------------------------------------------------------------
+    async def training_call(action, *args):
+        try:
+            return await run_in_threadpool(action, *args)
+        except TrainingOff as err:
+            raise APIError(403, str(err), type="permission_error", code="training_off") from err
+        except RunActive as err:
+            raise APIError(409, str(err), code="run_active") from err
+        except (FileExistsError, AdapterExists) as err:
+            raise APIError(409, str(err), param="name", code="name_in_use") from err
+        except FileNotFoundError as err:  # the run saved no adapter
+            raise APIError(404, str(err), type="not_found_error", code="adapter_not_found") from err
+        except LookupError as err:
+            raise APIError(409, str(err), code="no_run") from err
+        except ValueError as err:  # "field: message" names the field
+            field = str(err).split(":", 1)[0]
+            raise APIError(400, str(err), param=field if field in TrainRequest.model_fields else None,
+                           code="invalid_value") from err
+
+    @app.get("/v1/train")
+    async def train_status():
+        return await run_in_threadpool(training.status)
+
+    @app.post("/v1/train", status_code=201)
+    async def train_start(req: TrainRequest):
+        return await training_call(training.start, req)
+
+    @app.post("/v1/train/stop")
+    async def train_stop():
+        return await training_call(training.stop)
+
+    @app.post("/v1/train/open", status_code=201)
+    async def train_open():
+        info = await training_call(training.open)
+        return model_card(info.name)
 
     return app
 

@@ -164,6 +164,24 @@ class Engine:
             self.step()
         return seqs
 
+    def answer(self, texts: list[str], max_new_tokens: int, adapter: str | None = None,
+               add_special_tokens: bool = True) -> list[str]:
+        """Greedy answers to these (templated) prompts, decoded together, in the order given (`softprompt eval`).
+
+        Shortest prompts are queued first, so rows prefilled together pad little; the text is each
+        sequence's tokens decoded whole, eos dropped, stripped.
+        """
+        ids = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+        seqs = self.generate([ids[i] for i in order], params, adapter)
+        answers = [""] * len(ids)
+        for i, seq in zip(order, seqs):
+            if seq.finish_reason in ("error", "invalid"):
+                raise RuntimeError(f"row {i} could not be decoded: {seq.error}")
+            answers[i] = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True).strip()
+        return answers
+
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:

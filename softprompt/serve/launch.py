@@ -1,7 +1,7 @@
 """`serve()` and `main(argv)`: load the base model and adapters, build the engine, run uvicorn.
 
     softprompt serve --model builtin:smollm2-135m --adapter zh=runs/zh --adapter en=runs/en \\
-        --host 127.0.0.1 --port 8000 [--api-key KEY] [--adapter-root runs/]
+        --host 127.0.0.1 --port 8000 [--api-key KEY] [--adapter-root runs/] [--train-root runs/]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from softprompt.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 from softprompt.serve.engine import Engine
 from softprompt.serve.protocol import SEED_TEMPLATE, TOKENIZER_TEMPLATE
 from softprompt.serve.registry import AdapterRegistry
+from softprompt.serve.training import TrainingRuns
 
 
 def build_server(
@@ -34,8 +35,10 @@ def build_server(
     served_model_name: str | None = None,
     cuda_graphs: bool = True,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    train_root: str | None = None,
 ):
-    """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet."""
+    """The FastAPI app serving `model` with `adapters` ({name: folder}); no socket yet. With `train_root`,
+    the training page starts `softprompt train` runs there (on `model` unless the page names another)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -51,8 +54,9 @@ def build_server(
     registry = AdapterRegistry(engine, name, adapter_root)
     for adapter_name, folder in (adapters or {}).items():
         registry.load(adapter_name, folder, trusted=True)
+    training = TrainingRuns(train_root, model, registry)
     return create_app(engine, tokenizer, model_name=name, registry=registry, api_key=api_key, chat_template=chat_template,
-                      max_request_bytes=max_request_bytes)
+                      max_request_bytes=max_request_bytes, training=training)
 
 
 def serve(
@@ -81,6 +85,8 @@ def parser(prog: str = "softprompt serve") -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $SOFTPROMPT_API_KEY)")
     p.add_argument("--adapter-root", default=None,
                    help="folder under which adapters may be loaded at run time (POST /v1/adapters)")
+    p.add_argument("--train-root", default=None,
+                   help="folder for training runs started from the page's Train tab (POST /v1/train); off without it")
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
     p.add_argument("--chat-template", choices=[SEED_TEMPLATE, TOKENIZER_TEMPLATE], default=SEED_TEMPLATE,
                    help="seed: 'Human: ...\\n\\nAssistant: ' (the training format); tokenizer: the tokenizer's own template")
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             api_key=args.api_key,
             adapter_root=args.adapter_root,
+            train_root=args.train_root,
             dtype=args.dtype,
             device=args.device,
             max_num_seqs=args.max_num_seqs,

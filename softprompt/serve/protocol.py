@@ -158,3 +158,23 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Text
     path: Text
+
+
+class TrainRequest(BaseModel):
+    """`POST /v1/train`: the training page's keys (softprompt train's names); `extra` holds any other key of
+    `softprompt train`, checked by the command itself."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    data: Text
+    model: Text | None = None  # default: the model the server serves
+    name: Text | None = None  # the run's folder under --train-root, and the adapter's name once opened
+    method: Text = "prompt_tuning"
+    learning_rate: float | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    num_train_epochs: float | None = Field(default=None, gt=0)
+    per_device_train_batch_size: int | None = Field(default=None, ge=1)
+    num_virtual_tokens: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(default=None, ge=8)
+    val_size: float | None = Field(default=None, ge=0)
+    logging_steps: int = Field(default=1, ge=1)
+    extra: dict[str, str | int | float | bool] = Field(default_factory=dict)

@@ -3,6 +3,10 @@
     TrainConfig -> base model + tokenizer -> tokenized rows (train / validation) -> get_peft_model
         -> SoftPromptTrainer(...).train(resume_from_checkpoint=...) -> adapter + loss.png + samples
 
+While it runs, `<output_dir>/trainer_log.jsonl` gets a line per log (step, total, loss, tokens/s, ETA: what
+the server's training page draws), and a file `<output_dir>/STOP` ends it after the current step, the
+adapter saved as at a normal end (`RunLogCallback`).
+
 `SoftPromptTrainer` is `Trainer` with one change: a checkpoint is written under `<output_dir>/.incomplete/`
 and renamed into place once every file (adapter, optimizer, scheduler, RNG states, trainer state) is
 there, so a kill mid-save never leaves a `checkpoint-N` that loads half. The adapter-only files are
@@ -14,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from softprompt.hf.backbone import compile_layers
 from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
+from softprompt.io.files import STOP_FILE_NAME, TRAINER_LOG_NAME
 from softprompt.train.config import TrainConfig, base_dtype
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,8 @@ class SoftPromptTrainer(StagedCheckpointTrainer):
     eval_collator = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.include_num_input_tokens_seen in ("no", False):  # Trainer does not count: count text tokens
+            self.state.num_input_tokens_seen += _text_tokens(inputs)
         packs = inputs.get("packs")
         if packs is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -86,6 +95,15 @@ class SoftPromptTrainer(StagedCheckpointTrainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = collator
+
+
+def _text_tokens(inputs) -> int:
+    """Tokens of text in a batch: the packing collator's count, or the padded batch's mask when it is still
+    on the CPU (never a device sync for a progress number)."""
+    if "num_tokens" in inputs:
+        return inputs["num_tokens"]
+    mask = inputs.get("attention_mask")
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" else 0
 
 
 def _to_device(data, device):
@@ -203,6 +221,50 @@ class LossPlotCallback(TrainerCallback):
             plot_losses(state.log_history, Path(args.output_dir) / LOSS_PLOT_NAME)
 
 
+class RunLogCallback(TrainerCallback):
+    """Appends a JSON line to `<output_dir>/trainer_log.jsonl` at every log (`logging_steps`): step, total
+    steps, epoch, loss (or eval_loss), learning rate, text tokens/s, elapsed and remaining seconds. After each
+    step, a file `<output_dir>/STOP` ends the run: Trainer leaves its loop and `train` saves as at the end."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), state.global_step
+        self.first_tokens = state.num_input_tokens_seen
+        out = Path(args.output_dir)
+        if state.is_world_process_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            if state.global_step == 0:  # a fresh run: a log of an earlier run in this folder goes
+                (out / TRAINER_LOG_NAME).unlink(missing_ok=True)
+            self._write(args, {"event": "begin", "step": state.global_step, "total_steps": state.max_steps})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        elapsed = time.monotonic() - self.started
+        done = state.global_step - self.first_step
+        line = {"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+                **{k: logs[k] for k in ("loss", "eval_loss", "learning_rate", "train_loss") if k in logs},
+                "tokens_per_s": (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed > 0 else None,
+                "elapsed_s": elapsed,
+                "eta_s": elapsed / done * (state.max_steps - state.global_step) if done else None}
+        self._write(args, line)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (Path(args.output_dir) / STOP_FILE_NAME).exists():
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        stop = Path(args.output_dir) / STOP_FILE_NAME
+        stopped = stop.exists() and state.global_step < state.max_steps
+        stop.unlink(missing_ok=True)  # spent: a resumed run in this folder goes on
+        if state.is_world_process_zero:
+            self._write(args, {"event": "end", "step": state.global_step, "total_steps": state.max_steps,
+                               "stopped": stopped})
+
+    def _write(self, args, line: dict) -> None:
+        with open(Path(args.output_dir) / TRAINER_LOG_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 # -- one run --------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -271,7 +333,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=collator,
-        callbacks=[LossPlotCallback(), *(callbacks or [])],
+        callbacks=[LossPlotCallback(), RunLogCallback(), *(callbacks or [])],
     )
     trainer.eval_collator = padded if config.packing else None
     return trainer, tokenizer, eval_rows

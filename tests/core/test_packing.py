@@ -161,7 +161,7 @@ def test_collator_layout(tokenizer_dir):
     targets[p["loss_index"]] = p["loss_targets"]
     # the last virtual token predicts the first text token; the last text token predicts nothing
     assert targets.tolist() == [-100, -100, -100, -100, 12, 13, -100, -100, -100, -100, 21, 22, -100, -100, -100, -100]
-    assert batch["num_items"] == 4
+    assert batch["num_items"] == 4 and batch["num_tokens"] == 5  # text tokens: no virtual slot, no padding
 
 
 def test_unknown_adapter_is_a_clear_error(tokenizer_dir):

@@ -12,6 +12,8 @@ from safetensors import safe_open
 from softprompt.hf.trainer import STAGING_DIR
 from softprompt.train.config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
 from softprompt.train.trainer import (
+    STOP_FILE_NAME,
+    TRAINER_LOG_NAME,
     SoftPromptTrainer,
     build_trainer,
     check_checkpoint,
@@ -120,6 +122,32 @@ def test_train_writes_adapter_checkpoints_loss_plot_and_learns(workspace):
     assert len(losses) == 12
     assert result.metrics["eval_loss"] == pytest.approx(evals[-1])
     assert len(result.samples) == 1 and result.samples[0][0].endswith("Assistant: ")
+    # The live log (what the training page draws): the same losses, step by step, with speed and ETA.
+    log = [json.loads(line) for line in (out / TRAINER_LOG_NAME).read_text().splitlines()]
+    assert log[0] == {"event": "begin", "step": 0, "total_steps": 12}
+    assert {"event": "end", "step": 12, "total_steps": 12, "stopped": False} in log
+    assert log[-1]["eval_loss"] == pytest.approx(result.metrics["eval_loss"])  # train() evaluates after the end
+    steps = [e for e in log if "loss" in e]
+    assert [e["step"] for e in steps] == list(range(1, 13)) and {e["total_steps"] for e in steps} == {12}
+    assert [e["loss"] for e in steps] == pytest.approx(losses)
+    assert all(e["tokens_per_s"] > 0 for e in steps) and steps[-1]["eta_s"] == 0 < steps[0]["eta_s"]
+
+
+def test_a_stop_file_ends_the_run_after_the_step_and_saves_the_adapter(workspace):
+    from transformers import TrainerCallback
+
+    class StopAtTwo(TrainerCallback):  # what the server's Stop button does: create <output_dir>/STOP
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                (Path(args.output_dir) / STOP_FILE_NAME).touch()
+
+    result = train(TrainConfig.from_mapping(settings(workspace, "stopped", max_steps=50, val_size=0)),
+                   callbacks=[StopAtTwo()], num_samples=0)
+    out = result.output_dir
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert (out / "adapter_model.safetensors").is_file() and not (out / STOP_FILE_NAME).exists()
+    log = [json.loads(line) for line in (out / TRAINER_LOG_NAME).read_text().splitlines()]
+    assert log[-1] == {"event": "end", "step": 3, "total_steps": 50, "stopped": True}
 
 
 def test_plot_losses_empty_history_writes_nothing(tmp_path):

@@ -197,6 +197,7 @@ async function compare() {
 function switchTab(name) {
   for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.tab === name);
   for (const panel of document.querySelectorAll(".panel")) panel.classList.toggle("active", panel.id === name);
+  document.dispatchEvent(new CustomEvent("tab", { detail: name }));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
