@@ -356,7 +356,8 @@ class PeftModel(PreTrainedModel):
             packing["prefix_positions"], sliding_window(self.config),
         )
         hidden = packed_hidden_states(
-            self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
+            self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache,
+            packing.get("longest"),
         )
         index, targets = packing["loss_index"], packing["loss_targets"]
         logits = head_logits(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))

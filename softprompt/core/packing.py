@@ -76,8 +76,8 @@ class PackingCollator:
     def for_model(cls, model, tokenizer, longest_row: int, token_budget: int = 16384) -> "PackingCollator":
         """The collator for `model`'s adapters: checked that the base can run packed rows, rows long enough for
         a row of `longest_row` tokens plus the longest prompt, padding with the tokenizer's pad id."""
-        check_packable(model.base_model)
         widths = PromptWidths.of(model)
+        check_packable(model.base_model, longest_row + max(widths.virtual.values()) + max(widths.prefix.values()))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(widths, row_length=longest_row + max(widths.virtual.values()), token_budget=token_budget,
                    pad_token_id=pad)
@@ -144,6 +144,9 @@ class PackingCollator:
                 # predicts the first text token, the last text token predicts nothing.
                 targets[r, start + V - 1 if V else start:end - 1] = seg_labels[0 if V else 1:]
                 start = end
+        # the most slots a segment spans, its prefix included: a model with sliding-window layers checks it
+        longest = max(self.widths.prefix[segments[i][2]] + self.widths.virtual[segments[i][2]] + len(segments[i][0])
+                      for row in rows for i in row)
         flat = targets.view(-1)
         loss_index = (flat != IGNORE_INDEX).nonzero().view(-1)
         return {
@@ -159,6 +162,7 @@ class PackingCollator:
                 "prefix_positions": torch.tensor(prefix_pos, dtype=torch.long),  # (K,)
                 "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
                 "loss_targets": flat[loss_index],  # (N,)
+                "longest": longest,  # an int: checked without reading the device
             },
         }
 
