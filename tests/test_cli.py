@@ -36,6 +36,10 @@ def test_train_applies_overrides_on_the_yaml(workspace):
     assert saved["learning_rate"] == 1e-3 and saved["prompt_tuning_init"] == "TEXT"
     state = json.loads((workspace / "adapter" / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and (workspace / "adapter" / "checkpoint-6").is_dir()
+    results = json.loads((workspace / "adapter" / "all_results.json").read_text())
+    assert results["learning_rate"] == 1e-3  # the rate the run used, and why, in the run folder
+    assert results["learning_rate_choice"] == ("learning_rate 1e-3 (given; softprompt's default for prompt tuning, "
+                                               "TEXT init would be 3e-1)")
 
 
 def test_train_errors_are_clear(workspace, capsys):
@@ -219,3 +223,11 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "adapter" / "loss.png").is_file()
+    # no rate given: train printed the one it chose and why, and wrote it beside the adapter
+    why = ("learning_rate 1e-2 (softprompt's default for P-tuning, MLP encoder; rule: the best of a sweep on the "
+           "demo data with SmolLM2-135M (docs/TRAINING.md)); give --learning_rate to override")
+    assert why in out.splitlines()
+    results = json.loads((tmp_path / "demo" / "adapter" / "all_results.json").read_text())
+    assert results["learning_rate"] == 1e-2 and results["learning_rate_choice"] == why
+    run_config = (tmp_path / "demo" / "adapter" / "softprompt_train.yaml").read_text(encoding="utf-8")
+    assert run_config.startswith(f"# {why}\n") and "learning_rate" not in yaml.safe_load(run_config)

@@ -79,6 +79,29 @@ class ModelShape:
         return cls(hidden, layers, heads, kv_heads, head_dim, first("vocab_size") or 0)
 
 
+@dataclass(frozen=True)
+class DefaultLearningRate:
+    """The learning rate a run takes when the user gives none, and why: which variant of the method it is for,
+    and the rule that gave it (a constant from a sweep, or a formula of what the run knows)."""
+
+    value: float
+    variant: str  # e.g. "prompt tuning, TEXT init"
+    rule: str
+
+    def __str__(self) -> str:
+        return (f"learning_rate {format_rate(self.value)} (softprompt's default for {self.variant}; rule: "
+                f"{self.rule}); give --learning_rate to override")
+
+
+def format_rate(value: float) -> str:
+    """3e-1, 1.5e-4: a learning rate as people write it."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+# The rule of today's constants (the lead replaces them from bench/sweep_lr.py's sweep on real rows)
+DEMO_SWEEP = "the best of a sweep on the demo data with SmolLM2-135M (docs/TRAINING.md)"
+
 DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
 
 
@@ -88,9 +111,9 @@ class PromptLearningConfig:
 
     peft_type: ClassVar[str] = ""
     # What the rest of softprompt asks of a method, declared here so that no one branches on its name:
-    # the learning rate a run uses when the user gives none (the best of a sweep on the demo data with
-    # SmolLM2-135M, AdamW, linear decay; docs/TRAINING.md; Trainer's 5e-5 barely moves a soft prompt), and
-    # whether the prompt lives in the word-embedding space (so that its nearest vocabulary tokens mean something).
+    # the learning rate a run uses when the user gives none (`default_learning_rate()`, per variant; Trainer's
+    # 5e-5 barely moves a soft prompt), and whether the prompt lives in the word-embedding space (so that its
+    # nearest vocabulary tokens mean something).
     learning_rate: ClassVar[float] = 1e-2
     prompt_in_vocabulary: ClassVar[bool] = True
 
@@ -144,8 +167,15 @@ class PromptLearningConfig:
         kwargs.setdefault("num_virtual_tokens", DEFAULT_NUM_VIRTUAL_TOKENS)
         return cls(base_model_name_or_path=model, **kwargs)
 
-    def default_learning_rate(self) -> float:
-        return self.learning_rate
+    @property
+    def variant(self) -> str:
+        """The method and the options that change how it learns, in words ("P-tuning, LSTM encoder")."""
+        return self.method_name().replace("_", " ")
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        """The rate for this variant when the user gives none. A method overrides it per variant; a rule may use
+        the config's own fields (num_virtual_tokens, and token_dim once resolved)."""
+        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PromptLearningConfig":
         """This config with the model-dependent fields filled from `shape` (peft's rules)."""

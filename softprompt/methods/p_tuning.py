@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import ModelShape, PromptLearningConfig, check_positive_int, coerce_enum
+from softprompt.methods.config import (
+    DEMO_SWEEP,
+    DefaultLearningRate,
+    ModelShape,
+    PromptLearningConfig,
+    check_positive_int,
+    coerce_enum,
+)
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -47,6 +54,14 @@ class PromptEncoderConfig(PromptLearningConfig):
             0.0 <= self.encoder_dropout < 1.0
         ):
             raise ValueError(f"encoder_dropout={self.encoder_dropout!r} is not valid; it must be in [0, 1)")
+
+    @property
+    def variant(self) -> str:
+        return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptEncoderReparameterizationType.MLP: 1e-2, PromptEncoderReparameterizationType.LSTM: 1e-2}
+        return DefaultLearningRate(rates[self.encoder_reparameterization_type], self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PromptEncoderConfig":
         resolved = super().resolve(shape)

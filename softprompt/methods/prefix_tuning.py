@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import ModelShape, PromptLearningConfig, check_positive_int
+from softprompt.methods.config import DEMO_SWEEP, DefaultLearningRate, ModelShape, PromptLearningConfig, check_positive_int
 
 
 @register
@@ -40,8 +40,14 @@ class PrefixTuningConfig(PromptLearningConfig):
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
 
-    def default_learning_rate(self) -> float:
-        return 1e-3 if self.prefix_projection else self.learning_rate  # the projection MLP needs a much smaller rate
+    @property
+    def variant(self) -> str:
+        return f"prefix tuning {'with' if self.prefix_projection else 'without'} projection"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
+            return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
+        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
         # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import ModelShape, PromptLearningConfig, coerce_enum
+from softprompt.methods.config import DEMO_SWEEP, DefaultLearningRate, ModelShape, PromptLearningConfig, coerce_enum
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -47,6 +47,14 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} is not valid; it must be a dict")
         if self.tokenizer_kwargs and init is not PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+
+    @property
+    def variant(self) -> str:
+        return f"prompt tuning, {self.prompt_tuning_init.value} init"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptTuningInit.RANDOM: 3e-1, PromptTuningInit.TEXT: 3e-1, PromptTuningInit.SAMPLE_VOCAB: 3e-1}
+        return DefaultLearningRate(rates[self.prompt_tuning_init], self.variant, DEMO_SWEEP)
 
     @classmethod
     def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
