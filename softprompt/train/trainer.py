@@ -234,11 +234,15 @@ def load_data(config: TrainConfig, tokenizer):
     return data, None, None
 
 
-def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
-    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`."""
+def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, base=None):
+    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`.
+
+    `base`: `(model, tokenizer)` already loaded for `config.model` (a sweep reuses one frozen base across runs;
+    training leaves its weights as they were); by default `load_base` loads it.
+    """
     seed = int(config.training.get("seed", 42))
     set_seed(seed)
-    model, tokenizer = load_base(config.model, dtype=base_dtype(config.base_dtype))
+    model, tokenizer = base if base is not None else load_base(config.model, dtype=base_dtype(config.base_dtype))
     train_data, val_data, eval_rows = load_data(config, tokenizer)
     method_config = config.peft_config(tokenizer)
     args = config.training_arguments(has_eval=val_data is not None, method_config=method_config)
