@@ -13,6 +13,8 @@ the losses are `softprompt.inference.evaluate`'s (token-weighted mean over respo
 Variants use softprompt's defaults for everything but the rate: 10 virtual tokens (TEXT init: one per token of
 the init text, the seed's rule), P-tuning's encoder as wide as the model, 2 MLP layers, prefix projection as wide
 as the key/value width. TEXT init: the seed's text for Chinese, its English translation for English (INIT_TEXT).
+Caveat for Chinese: Gemma's tokenizer puts `<bos>` before every text, and the alpaca template (the seed's
+`process_func`) tokenizes the response apart, so each response starts with a `<bos>` label for both engines.
 `--peft` runs peft itself (its `get_peft_model`, a plain `Trainer` on padded batches, the same rows, shape and
 evaluation) for the five variants of the issue's table, on a fresh copy of the base per run.
 
