@@ -75,7 +75,6 @@ def main() -> None:
             models = {"peft": peft.get_peft_model(copy.deepcopy(base), configs(peft)[method]),
                       "softprompt": sp.get_peft_model(copy.deepcopy(base), configs(sp)[method]),
                       "softprompt_loss_only": sp.get_peft_model(copy.deepcopy(base), configs(sp)[method])}
-            models["softprompt_loss_only"].loss_only = True  # skip the LM head where no label follows
             for k in ("softprompt", "softprompt_loss_only"):
                 models[k].prompt_encoder["default"].load_state_dict(models["peft"].prompt_encoder["default"].state_dict())
             opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in models.items()}
@@ -83,7 +82,9 @@ def main() -> None:
             def train_step(k):
                 m = models[k]
                 m.train()
-                m(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+                # softprompt_loss_only: as softprompt's trainer calls it (the LM head only where a label follows)
+                extra = {"loss_only": True} if k == "softprompt_loss_only" else {}
+                m(input_ids=ids, attention_mask=am, labels=labels, **extra).loss.backward()
                 opts[k].step()
                 opts[k].zero_grad(set_to_none=True)
 

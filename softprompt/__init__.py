@@ -10,22 +10,23 @@ from typing import TYPE_CHECKING
 _WHERE = {
     "PeftModel": "softprompt.core.model", "PeftModelForCausalLM": "softprompt.core.model",
     "get_peft_model": "softprompt.core.model", "PromptAdapter": "softprompt.methods.adapter",
-    "ModelShape": "softprompt.methods.config", "PromptLearningConfig": "softprompt.methods.config",
-    "TaskType": "softprompt.methods.config", "PromptEncoder": "softprompt.methods.p_tuning",
-    "PromptEncoderConfig": "softprompt.methods.p_tuning",
-    "PromptEncoderReparameterizationType": "softprompt.methods.p_tuning",
-    "PrefixEncoder": "softprompt.methods.prefix_tuning", "PrefixTuningConfig": "softprompt.methods.prefix_tuning",
-    "PromptEmbedding": "softprompt.methods.prompt_tuning", "PromptTuningConfig": "softprompt.methods.prompt_tuning",
-    "PromptTuningInit": "softprompt.methods.prompt_tuning",
+    "PromptEncoder": "softprompt.methods.p_tuning", "PrefixEncoder": "softprompt.methods.prefix_tuning",
+    "PromptEmbedding": "softprompt.methods.prompt_tuning",
+    **{name: "softprompt.methods.config" for name in (  # the configs: no torch
+        "ModelShape", "PromptLearningConfig", "TaskType", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+        "PrefixTuningConfig", "PromptTuningConfig", "PromptTuningInit")},
 }
 
 if TYPE_CHECKING:
     from softprompt.core.model import PeftModel, PeftModelForCausalLM, get_peft_model
     from softprompt.methods.adapter import PromptAdapter
-    from softprompt.methods.config import ModelShape, PromptLearningConfig, TaskType
-    from softprompt.methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
-    from softprompt.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
-    from softprompt.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+    from softprompt.methods.config import (
+        ModelShape, PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptLearningConfig,
+        PromptTuningConfig, PromptTuningInit, TaskType,
+    )
+    from softprompt.methods.p_tuning import PromptEncoder
+    from softprompt.methods.prefix_tuning import PrefixEncoder
+    from softprompt.methods.prompt_tuning import PromptEmbedding
 
 
 def __getattr__(name: str):

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The config file and the --key value overrides are read by train_command, not argparse: the keys
     # are TrainingArguments' and the method's, too many (and too version-dependent) to declare here.
     sub.add_parser("train", help="train an adapter", usage=f"{PROG} train [CONFIG.yaml] [--key value ...]",
-                   description="Train an adapter. Keys: model, data, eval_data, val_size, method, max_length, "
-                   "template, the method's config fields (num_virtual_tokens, prompt_tuning_init, ...) and every "
+                   description="Train an adapter. Keys: model, data (a file or folder of Alpaca rows or "
+                   "conversations, hub:owner/name, or a name in dataset_registry), eval_data, val_size, format, "
+                   "loss_on, data_split, method, max_length, template, the method's config fields (num_virtual_tokens, prompt_tuning_init, ...) and every "
                    "TrainingArguments field, from CONFIG and/or as --key value overrides.")
 
     p = sub.add_parser("generate", help="answer prompts with an adapter")

@@ -16,9 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from softprompt.methods.adapter import methods
+from softprompt.methods.config import methods
 
 DEFAULTS = {
     "method": "p_tuning",
@@ -54,6 +52,8 @@ def run(
 
     `lang`: "both" (the default: questions in English and Chinese), "en" or "zh"; `model` defaults to the
     language's built-in model (`LANG_CHOICES`)."""
+    import torch  # here, not at the top: `softprompt --help` and `softprompt train` read this module's options
+
     from softprompt.data.rows import load_rows
     from softprompt.data.demo import write_demo_dataset
     from softprompt.inference.evaluate import evaluate

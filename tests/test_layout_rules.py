@@ -18,9 +18,6 @@ LAYERS = ["hf", "methods", "io", "core", "data", "inference", "train", "serve", 
 # Private attributes of torch (not transformers) that code outside hf/ may touch.
 TORCH_PRIVATES = {"_IncompatibleKeys", "_modules", "_version"}  # nn.Module._modules, Tensor._version
 
-# Transformers' private names still used outside hf/, each with the reason it stays. Keep this short.
-KNOWN_EXCEPTIONS: dict[str, set[str]] = {}
-
 
 def modules() -> dict[str, ast.Module]:
     found = {}
@@ -142,16 +139,10 @@ def test_transformers_private_names_only_under_hf():
     for name, tree in modules().items():
         if layer(name) == "hf":
             continue
-        extra = _transformers_privates(name, tree) - KNOWN_EXCEPTIONS.get(name, set())
+        extra = _transformers_privates(name, tree)
         if extra:
             wrong.append(f"{name}: {sorted(extra)}")
     assert not wrong, "transformers' private names outside softprompt/hf/ (move the touch into hf/):\n" + "\n".join(wrong)
-
-
-def test_known_exceptions_are_still_needed():
-    for name, allowed in KNOWN_EXCEPTIONS.items():
-        used = _transformers_privates(name, modules()[name])
-        assert allowed <= used, f"{name} no longer touches {allowed - used}: drop them from KNOWN_EXCEPTIONS"
 
 
 def test_the_seams_are_seen():
@@ -163,7 +154,7 @@ def test_the_seams_are_seen():
 
 def test_no_branch_on_a_methods_name_outside_the_method_files():
     """The centre asks each method what it needs (`learning_rate`, `prompt_in_vocabulary`, `placement`, ...)."""
-    from softprompt.methods.adapter import methods
+    from softprompt.methods.config import methods
 
     names = {n for cls in methods().values() for n in (cls.method_name(), cls.peft_type)}
     classes = {cls.__name__ for cls in methods().values()}
@@ -188,10 +179,11 @@ def test_no_branch_on_a_methods_name_outside_the_method_files():
 
 def test_only_the_public_names_import_a_method_file():
     """The centre works through the interface and the registry (`methods/adapter.py`, `methods/config.py`);
-    only `softprompt/__init__.py` (peft's names) imports a method's own file."""
-    from softprompt.methods.adapter import methods
+    only `softprompt/__init__.py` (peft's names) imports a method's own file (`methods/<method_name>.py`)."""
+    from softprompt.methods.config import methods
 
-    files = {cls.__module__ for cls in methods().values()}
+    files = {f"softprompt.methods.{name}" for name in methods()}
+    assert all(_is_module(f) for f in files), files
     wrong = [f"{name}:{line} imports {target}" for name, tree in modules().items()
              if layer(name) != "methods" and name != "softprompt"
              for target, line in imported(name, tree) if target in files]
@@ -201,11 +193,6 @@ def test_only_the_public_names_import_a_method_file():
 # transformers' cache and mask machinery, public or not, belongs to hf/ too.
 SEAM_MODULES = ("transformers.cache_utils", "transformers.masking_utils", "transformers.modeling_layers")
 SEAM_NAMES = {"Cache", "DynamicCache", "StaticCache", "CacheLayerMixin", "DynamicLayer", "GradientCheckpointingLayer"}
-KNOWN_SEAM_EXCEPTIONS = {
-    # SlotCache is a Cache whose layers write rows into the serving slot store in place; it lives with the
-    # store it writes into until kv.py is split (its Cache half into hf/).
-    "softprompt.serve.kv": {"transformers.cache_utils", "Cache", "CacheLayerMixin"},
-}
 
 
 def _seam_touches(tree: ast.Module) -> set[str]:
@@ -217,9 +204,8 @@ def _seam_touches(tree: ast.Module) -> set[str]:
 
 
 def test_transformers_cache_and_masks_only_under_hf():
-    wrong = {name: sorted(_seam_touches(tree) - KNOWN_SEAM_EXCEPTIONS.get(name, set()))
-             for name, tree in modules().items() if layer(name) != "hf"}
+    wrong = {name: sorted(_seam_touches(tree)) for name, tree in modules().items() if layer(name) != "hf"}
     wrong = {name: names for name, names in wrong.items() if names}
     assert not wrong, f"transformers' cache or mask API outside softprompt/hf/: {wrong}"
-    for name, allowed in KNOWN_SEAM_EXCEPTIONS.items():
-        assert allowed <= _seam_touches(modules()[name]), f"{name}: drop what it no longer touches"
+    seen = set().union(*(_seam_touches(t) for n, t in modules().items() if layer(n) == "hf"))
+    assert {"Cache", "CacheLayerMixin", "DynamicCache", "GradientCheckpointingLayer"} <= seen, seen  # the scan sees them

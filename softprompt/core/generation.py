@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 
-from softprompt.hf.cache import accepts, cache_kwarg, empty_cache, output_cache
+from softprompt.core.decoding import decode_step, prefill
 from softprompt.hf.generation import eos_tensor, logits_processors, resolve_generation_config
 
 
@@ -73,15 +73,7 @@ def generate(model, input_ids=None, attention_mask=None, adapter_names=None, inp
     names = model.row_adapters(adapter_names, B)
 
     if config.use_cache:
-        arranged, cache = model.prepare(input_ids, attention_mask, inputs_embeds, None, names, frozen_cache=False)
-        if cache is None:
-            cache = empty_cache(model.config)
-        kw = model.base_kwargs(arranged, cache)
-        if accepts(base, "logits_to_keep"):
-            kw["logits_to_keep"] = 1
-        out = base(**kw, use_cache=True)
-        cache = output_cache(out)
-        logits = out.logits[:, -1]
+        logits, cache, arranged = prefill(model, input_ids, attention_mask, inputs_embeds, names)
         mask = arranged.attention_mask
         position = arranged.position_ids.max(dim=1).values  # (B,) last position per row
     else:
@@ -101,12 +93,7 @@ def generate(model, input_ids=None, attention_mask=None, adapter_names=None, inp
         if config.use_cache:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             position = position + 1
-            kw = {"input_ids": token[:, None], "attention_mask": mask, cache_kwarg(base): cache}
-            if accepts(base, "position_ids"):
-                kw["position_ids"] = position[:, None]
-            out = base(**kw, use_cache=True)
-            cache = output_cache(out)
-            logits = out.logits[:, -1]
+            logits, cache = decode_step(base, token[:, None], mask, cache, position[:, None])
         else:
             step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)
             full = torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=1) if input_ids is not None else None

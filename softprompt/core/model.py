@@ -1,8 +1,10 @@
 """`PeftModel`: a frozen Hugging Face causal LM plus a bank of prompt adapters, one chosen per row.
 
-The wrapper asks each row's adapter for virtual-token embeddings and a key/value prefix (`adapter.py`),
-lays them out with the text (`layout.py`), builds the prefix cache (`cache.py`) and calls the base
+The wrapper asks each row's adapter for virtual-token embeddings and a key/value prefix (`bank.py`),
+lays them out with the text (`layout.py`), builds the prefix cache (`hf/cache.py`) and calls the base
 model through its public seams (`inputs_embeds=`, `attention_mask=`, `position_ids=`, the cache).
+Beside it: the adapter bank (`bank.py`), what Trainer calls to resume and checkpoint (`trainer_hooks.py`),
+the packed forward (`packing.py`) and the decoding loop (`generation.py`).
 
 It subclasses `PreTrainedModel` only so that `transformers.Trainer` calls our `save_pretrained` (adapter
 files, never the base weights) instead of dumping the full state dict; `PreTrainedModel.__init__` is not
@@ -11,29 +13,24 @@ run, so the base model's config is left untouched.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from softprompt.core.bank import AdapterBank
 from softprompt.core.generation import generate
 from softprompt.core.layout import Arranged, arrange
-from softprompt.hf.backbone import head_logits, packed_hidden_states, packed_mask, sliding_window
+from softprompt.core.packing import packed_forward
+from softprompt.core.trainer_hooks import TrainerHooks
 from softprompt.hf.cache import accepts, build_prefix_cache, cache_kwarg, reentrant_checkpointing, route_prefix_grad
-from softprompt.hf.checkpointing import keep_prefix_cache
 from softprompt.io import files
-from softprompt.methods.adapter import PromptAdapter
 from softprompt.methods.config import ModelShape, PromptLearningConfig
 
-ENCODER_PREFIX = "prompt_encoder."
 
-
-class PeftModel(PreTrainedModel):
+class PeftModel(AdapterBank, TrainerHooks, PreTrainedModel):
     """A causal LM with prompt adapters. peft's name, so that seed scripts run unchanged."""
 
     main_input_name = "input_ids"
@@ -86,64 +83,6 @@ class PeftModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    # -- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PromptLearningConfig, tokenizer=None) -> None:
-        """Add a new trainable adapter (any method, any number of virtual tokens)."""
-        if not isinstance(peft_config, PromptLearningConfig):
-            raise TypeError(
-                f"peft_config must be a PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig, "
-                f"got {type(peft_config).__name__}"
-            )
-        if adapter_name in self.prompt_encoder:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        if peft_config.base_model_name_or_path is None:
-            import dataclasses
-
-            peft_config = dataclasses.replace(
-                peft_config, base_model_name_or_path=getattr(self.config, "name_or_path", None) or None
-            )
-        config = peft_config.resolve(self.shape)
-        adapter = config.build(self.shape, self.get_input_embeddings(), tokenizer)
-        self._attach(adapter_name, adapter)
-
-    def _attach(self, adapter_name: str, adapter: PromptAdapter) -> None:
-        weight = self.get_input_embeddings().weight
-        adapter.to(weight.device)
-        self.prompt_encoder[adapter_name] = adapter
-        self.peft_config[adapter_name] = adapter.config
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._check_adapter(adapter_name)
-        del self.prompt_encoder[adapter_name]
-        del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_config), None)
-
-    def set_adapter(self, adapter_name: str) -> None:
-        self._check_adapter(adapter_name)
-        self.active_adapter = adapter_name
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter] if self.active_adapter else []
-
-    def _check_adapter(self, name: str) -> None:
-        if name not in self.prompt_encoder:
-            known = ", ".join(self.prompt_encoder) or "none"
-            raise ValueError(f"no adapter named {name!r}; loaded adapters: {known}")
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the block, rows without an explicit adapter run on the bare base model."""
-        previous, self._adapters_disabled = self._adapters_disabled, True
-        try:
-            yield
-        finally:
-            self._adapters_disabled = previous
-
-    # -- parameters -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for p in self.parameters():
@@ -155,84 +94,7 @@ class PeftModel(PreTrainedModel):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """Checkpoint the base model's layers; works with all three methods (peft refuses prefix tuning)."""
-        base = self.base_model
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        # Reentrant checkpointing only back-propagates if a layer input needs grad; the prefix comes in
-        # through the cache, so make the text embeddings require grad (cheap: no weight grads).
-        base.enable_input_require_grads()
-        keep_prefix_cache(base)  # the checkpointed layers would drop our prefix cache otherwise
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        base = self.base_model
-        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
-
-    activation_checkpointing_disable = gradient_checkpointing_disable
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
-
-    is_gradient_checkpointing = is_activation_checkpointing
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accept an adapter-only state dict (what `save_pretrained` writes as `model.safetensors`).
-
-        That is how a plain `Trainer` resumes from a checkpoint: it loads `model.safetensors` here.
-        """
-        keys = list(state_dict)
-        if keys and all(k.startswith(ENCODER_PREFIX) for k in keys):
-            result = super().load_state_dict(state_dict, strict=False, assign=assign)
-            missing = [k for k in result.missing_keys if k.startswith(ENCODER_PREFIX)]
-            if strict and (missing or result.unexpected_keys):
-                raise RuntimeError(f"adapter state mismatch: missing {missing}, unexpected {result.unexpected_keys}")
-            return _IncompatibleKeys(missing, result.unexpected_keys)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     # -- forward ----------------------------------------------------------------------------------
-    def row_adapters(self, adapter_names: Sequence[str | None] | str | None, batch_size: int) -> list[str | None]:
-        """Each row's adapter name (None: the bare base model)."""
-        if adapter_names is None:
-            name = None if self._adapters_disabled else self.active_adapter
-            return [name] * batch_size
-        if isinstance(adapter_names, str):
-            adapter_names = [adapter_names] * batch_size
-        names = list(adapter_names)
-        if len(names) != batch_size:
-            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; give one per row")
-        for n in set(names):
-            if n is not None:
-                self._check_adapter(n)
-        return names
-
-    def _prompts(self, names: list[str | None], dtype: torch.dtype, device: torch.device):
-        """Per-row virtual embeddings `(B, V, D)` and prefix `(layers, 2, B, H, P, hd)`, right-aligned.
-
-        Returns (virtual, virtual_lens, prefix, prefix_lens, P); each adapter computes its prompt once,
-        whatever the number of rows using it.
-        """
-        unique = list(dict.fromkeys(names))
-        B = len(names)
-        embeds = {n: self.prompt_encoder[n].input_embeddings() if n else None for n in unique}
-        kvs = {n: self.prompt_encoder[n].key_values() if n else None for n in unique}
-        virtual, v_lens, _ = _rows(names, embeds, seq_dim=0, dtype=dtype, device=device)
-        prefix, p_lens, width = _rows(names, kvs, seq_dim=3, dtype=dtype, device=device)
-        if virtual is not None:
-            virtual = virtual.expand(B, -1, -1) if virtual.shape[0] == 1 else virtual  # (B, V, D)
-        if prefix is not None:
-            prefix = prefix.permute(1, 2, 0, 3, 4, 5)  # (B|1, L, 2, H, P, hd) -> (L, 2, B|1, H, P, hd)
-            prefix = prefix.expand(-1, -1, B, -1, -1, -1) if prefix.shape[2] == 1 else prefix
-        if p_lens is None:
-            p_lens = torch.zeros(B, dtype=torch.long, device=device)
-        return virtual, v_lens, prefix, p_lens, width
-
     def prepare(
         self,
         input_ids: torch.Tensor | None,
@@ -256,7 +118,7 @@ class PeftModel(PreTrainedModel):
                 f"attention_mask must be 2-D (batch, length) = {(B, L)}, got {tuple(attention_mask.shape)}"
             )
         names = self.row_adapters(adapter_names, B)
-        virtual, v_lens, kv, p_lens, width = self._prompts(names, inputs_embeds.dtype, device)
+        virtual, v_lens, kv, p_lens, width = self.row_prompts(names, inputs_embeds.dtype, device)
         arranged = arrange(inputs_embeds, attention_mask, labels, virtual, v_lens, p_lens, width)
         if kv is not None and frozen_cache and kv.requires_grad and reentrant_checkpointing(self.base_model):
             kv, arranged.inputs_embeds = route_prefix_grad(kv, arranged.inputs_embeds)
@@ -282,15 +144,18 @@ class PeftModel(PreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
         packing: dict[str, torch.Tensor] | None = None,
+        loss_only: bool = False,
         **kwargs,
     ):
         """Logits over `V + L` positions (the first `V` are the virtual tokens'), and the loss on `labels`.
 
-        With `packing=` (what `PackingCollator` makes), the rows are packed segments: the loss is over every
-        segment's labels, and `logits` cover only the positions that carry a loss.
+        `loss_only=True` (softprompt's trainer passes it) skips the LM head where no label follows (the
+        virtual tokens, a masked prompt): the same loss and gradients, and `logits` cover only the kept last
+        positions. With `packing=` (what `PackingCollator` makes), the rows are packed segments: the loss is
+        over every segment's labels, and `logits` cover only the positions that carry a loss.
         """
         if packing is not None:
-            return self._packed_forward(input_ids, inputs_embeds, packing, adapter_names, kwargs)
+            return packed_forward(self, input_ids, inputs_embeds, packing, adapter_names, kwargs)
         if position_ids is not None:
             raise ValueError("softprompt computes position_ids from attention_mask; do not pass position_ids")
         if token_type_ids is not None and bool(token_type_ids.any()):
@@ -301,13 +166,9 @@ class PeftModel(PreTrainedModel):
             kwargs.pop(name, None)
         arranged, cache = self.prepare(input_ids, attention_mask, inputs_embeds, labels, adapter_names, frozen_cache=True)
         base_kwargs = self.base_kwargs(arranged, cache)
-        if arranged.labels is not None and kwargs.get("logits_to_keep") in (None, 0) and self.loss_only:
+        if loss_only and arranged.labels is not None and kwargs.get("logits_to_keep") in (None, 0):
             return self._loss_only_forward(base_kwargs, arranged.labels, kwargs)
         return self.base_model(**base_kwargs, labels=arranged.labels, use_cache=False, **kwargs)
-
-    # Set True (softprompt's trainer does) to skip the LM head where no label follows: the virtual tokens
-    # and the masked prompt. Same loss and gradients; `logits` then cover only the kept last positions.
-    loss_only: bool = False
 
     def _loss_only_forward(self, base_kwargs: dict, labels: torch.Tensor, kwargs: dict):
         base = self.base_model
@@ -325,47 +186,6 @@ class PeftModel(PreTrainedModel):
             vocab_size=out.logits.shape[-1], num_items_in_batch=num_items,
         )
         return out
-
-    def _packed_forward(self, input_ids, inputs_embeds, packing: dict, adapter_names, kwargs: dict):
-        """One forward over packed rows (see `packing.py`); no host-device sync."""
-        if isinstance(adapter_names, str) or adapter_names is None:
-            adapter_names = [adapter_names if adapter_names is not None else self.active_adapter]
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (R, T, D)
-        dtype = inputs_embeds.dtype
-        names = list(adapter_names)
-        for n in names:
-            if n is not None:
-                self._check_adapter(n)
-        adapters = [self.prompt_encoder[n] if n is not None else None for n in names]
-        virtual = [a.input_embeddings() for a in adapters if a is not None and a.placement == "input"]
-        if virtual:  # each segment's virtual slots take rows of the adapters' prompts, stacked in `names` order
-            table = torch.cat(virtual).to(dtype)  # (sum V, D)
-            slot = packing["virtual_slot"]
-            inputs_embeds = torch.where((slot >= 0)[..., None], table[slot.clamp(min=0)], inputs_embeds)
-        cache = None
-        kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
-        if kvs:
-            kv = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
-            kv = kv[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
-            if kv.requires_grad and reentrant_checkpointing(self.base_model):
-                kv, inputs_embeds = route_prefix_grad(kv, inputs_embeds)
-            cache = build_prefix_cache(self.config, kv, frozen=True)
-        mask = packed_mask(
-            packing["segment_ids"], packing["position_ids"], packing["token_adapter"], packing["prefix_owner"],
-            packing["prefix_positions"], sliding_window(self.config),
-        )
-        hidden = packed_hidden_states(
-            self.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache,
-            packing.get("longest"),
-        )
-        index, targets = packing["loss_index"], packing["loss_targets"]
-        logits = head_logits(self.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
-        num_items = kwargs.get("num_items_in_batch")
-        if num_items is None:
-            num_items = max(int(index.numel()), 1)
-        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / num_items
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # -- generation and files (kept in their own modules) -----------------------------------------
     @torch.no_grad()
@@ -398,43 +218,15 @@ class PeftModel(PreTrainedModel):
         prefix projection come back from `model.safetensors` when present (peft raises here).
         """
         adapter = files.load_adapter(model, model_id, adapter_name=adapter_name, config=config, **kwargs)
-        wrapper = cls.__new__(cls)
-        wrapper._wrap(model)
+        wrapper = cls.empty(model)
         wrapper._attach(adapter_name, adapter)
         adapter.requires_grad_(is_trainable)
         if not is_trainable:
             wrapper.eval()
         return wrapper
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs) -> None:
-        if adapter_name in self.prompt_encoder:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        adapter = files.load_adapter(self.base_model, model_id, adapter_name=adapter_name, **kwargs)
-        self._attach(adapter_name, adapter)
-        adapter.requires_grad_(is_trainable)
-
 
 PeftModelForCausalLM = PeftModel
-
-
-def _rows(names: list[str | None], parts: dict, seq_dim: int, dtype: torch.dtype, device: torch.device):
-    """Stack each row's prompt (right-aligned along `seq_dim`, zero-filled): `(B or 1, ...)`, lengths, width."""
-    lens = {n: 0 if t is None else t.shape[seq_dim] for n, t in parts.items()}
-    width = max(lens.values())
-    if width == 0:
-        return None, None, 0
-    row_lens = torch.tensor([lens[n] for n in names], device=device)
-    if len(parts) == 1:  # one adapter for the whole batch: a broadcast view, no per-row copies
-        return next(iter(parts.values())).to(dtype)[None], row_lens, width
-    template = next(t for t in parts.values() if t is not None)
-    stacked = []
-    for n, t in parts.items():
-        shape = list(template.shape)
-        shape[seq_dim] = width - lens[n]
-        fill = template.new_zeros(shape)
-        stacked.append(fill if t is None else torch.cat([fill, t], dim=seq_dim))
-    index = torch.tensor([list(parts).index(n) for n in names], device=device)
-    return torch.stack(stacked).to(dtype)[index], row_lens, width
 
 
 def get_peft_model(model: nn.Module, peft_config: PromptLearningConfig, adapter_name: str = "default", tokenizer=None) -> PeftModel:

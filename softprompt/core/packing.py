@@ -10,9 +10,10 @@ where `v` are the virtual tokens of each row's own adapter (prompt tuning, P-tun
 restarts its positions. A prefix-tuning segment has no `v`: it sees its adapter's key/value prefix through
 the attention mask, and its positions start after the prefix, as the row alone. The mask lets a token see
 only earlier tokens of its own segment (and its adapter's prefix), so each segment computes exactly what
-the row computes alone; `PeftModel` builds that mask and gathers the prompts (`layout.packed_inputs`).
+the row computes alone; `packed_forward` (what `PeftModel.forward(packing=...)` runs) builds that mask and
+gathers the prompts.
 
-Everything here runs on the CPU in the data loader (no host-device sync in the step): the layout, the
+The collator runs on the CPU in the data loader (no host-device sync in the step): the layout, the
 positions, and the flat indices and targets of the positions that carry a loss.
 """
 
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from softprompt.hf.backbone import check_packable
+from softprompt.hf.backbone import check_packable, head_loss, packed_hidden_states, packed_mask, sliding_window
+from softprompt.hf.cache import build_prefix_cache, reentrant_checkpointing, route_prefix_grad
 
 IGNORE_INDEX = -100
 TASK_FIELD = "adapter_names"  # a row's adapter (multi-task data); rows without it use the default adapter
@@ -63,8 +66,12 @@ class PackingCollator:
     widths: PromptWidths
     row_length: int = 512
     token_budget: int = 16384
-    pad_multiple: int = 8
+    pad_multiple: int = 8  # of the key length (prefix slots + row length)
     pad_token_id: int = 0
+    # Few distinct shapes: every micro-batch as long as `row_length`, and the loss positions padded to a
+    # multiple of 64. On a GPU each new matrix shape costs milliseconds of host time (cuBLAS picks its
+    # kernel), more than the padding costs the device.
+    fixed_shapes: bool = False
 
     def __post_init__(self) -> None:
         for name in ("row_length", "token_budget", "pad_multiple"):
@@ -96,9 +103,10 @@ class PackingCollator:
                 known = ", ".join(sorted(str(n) for n in self.widths.virtual if n is not None))
                 raise ValueError(f"row {i} is for adapter {name!r}, which the model does not have; adapters: {known}")
             segments.append((ids, labels, name))
-        packs = [self._tensors(mb, segments) for mb in plan(self._sizes(segments), self.row_length, self.token_budget,
-                                                            self.pad_multiple)]
-        num_items = sum(int(p["packing"]["loss_index"].numel()) for p in packs)
+        micro_batches = plan(self._sizes(segments), self.row_length, self.token_budget, self.pad_multiple,
+                             min_width=self.row_length if self.fixed_shapes else 0)
+        packs = [self._tensors(mb, segments) for mb in micro_batches]
+        num_items = sum(p.pop("num_targets") for p in packs)
         return {"packs": packs, "num_items": num_items}
 
     def _sizes(self, segments) -> list[int]:
@@ -117,7 +125,11 @@ class PackingCollator:
             owner += [u] * p
             prefix_pos += list(range(p))
         sizes = [sum(self.widths.virtual[segments[i][2]] + len(segments[i][0]) for i in row) for row in rows]
-        T = _round_up(max(sizes), self.pad_multiple)
+        # keys are the K prefix slots then the T slots: K + T a multiple of pad_multiple keeps the attention
+        # kernels on their aligned paths (an odd key length sends SDPA to a slower, larger one)
+        K = len(owner)
+        longest = max(sizes) if not self.fixed_shapes else max(*sizes, self.row_length)
+        T = _round_up(longest + K, self.pad_multiple) - K
         R = len(rows)
         input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
@@ -145,10 +157,16 @@ class PackingCollator:
                 targets[r, start + V - 1 if V else start:end - 1] = seg_labels[0 if V else 1:]
                 start = end
         # the most slots a segment spans, its prefix included: a model with sliding-window layers checks it
-        longest = max(self.widths.prefix[segments[i][2]] + self.widths.virtual[segments[i][2]] + len(segments[i][0])
-                      for row in rows for i in row)
+        segment_reach = max(self.widths.prefix[segments[i][2]] + self.widths.virtual[segments[i][2]]
+                            + len(segments[i][0]) for row in rows for i in row)
         flat = targets.view(-1)
         loss_index = (flat != IGNORE_INDEX).nonzero().view(-1)
+        num_targets = int(loss_index.numel())
+        if self.fixed_shapes:  # extra positions with an ignored target: they add nothing to the loss
+            loss_index = torch.cat([loss_index, loss_index.new_zeros(_round_up(num_targets, 64) - num_targets)])
+        loss_targets = torch.cat([flat[loss_index[:num_targets]], flat.new_full((len(loss_index) - num_targets,),
+                                                                                IGNORE_INDEX)])
+        virtual_index = (virtual_slot.view(-1) >= 0).nonzero().view(-1)
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -160,18 +178,23 @@ class PackingCollator:
                 "token_adapter": token_adapter,  # (R, T): index into adapter_names, -1 for padding
                 "prefix_owner": torch.tensor(owner, dtype=torch.long),  # (K,): adapter of each prefix slot
                 "prefix_positions": torch.tensor(prefix_pos, dtype=torch.long),  # (K,)
+                "virtual_index": virtual_index,  # (M,): flat slots of virtual tokens ...
+                "virtual_rows": virtual_slot.view(-1)[virtual_index],  # (M,): ... and their rows of the prompts
                 "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
-                "loss_targets": flat[loss_index],  # (N,)
-                "longest": longest,  # an int: checked without reading the device
+                "loss_targets": loss_targets,  # (N,): IGNORE_INDEX for padding
+                "longest": segment_reach,  # an int: checked without reading the device
             },
+            "num_targets": num_targets,
         }
 
 
-def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple: int = 8) -> list[list[list[int]]]:
+def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple: int = 8,
+         min_width: int = 0) -> list[list[list[int]]]:
     """Segment indices grouped into rows (first fit, longest first) and rows into micro-batches.
 
     A row holds segments totalling at most `row_length` slots (a longer segment gets a row alone). Rows go
-    into micro-batches while rows x (longest row, rounded up to `pad_multiple`) stays within `token_budget`.
+    into micro-batches while rows x (longest row or `min_width`, rounded up to `pad_multiple`) stays within
+    `token_budget`.
     Deterministic for given sizes, so a resumed run packs as the first one did.
     """
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
@@ -190,7 +213,7 @@ def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple:
     micro: list[list[list[int]]] = []
     width = 0
     for r in filled:
-        size = sum(sizes[i] for i in rows[r])
+        size = max(sum(sizes[i] for i in rows[r]), min_width)
         new_width = max(width, _round_up(size, pad_multiple))
         if micro and (len(micro[-1]) + 1) * new_width <= token_budget:
             micro[-1].append(rows[r])
@@ -203,3 +226,49 @@ def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# -- the packed forward ---------------------------------------------------------------------------
+def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names, kwargs: dict) -> CausalLMOutputWithPast:
+    """`PeftModel.forward(packing=...)`: one forward over packed rows (the collator's batch); no host-device sync."""
+    if isinstance(adapter_names, str) or adapter_names is None:
+        adapter_names = [adapter_names if adapter_names is not None else model.active_adapter]
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)  # (R, T, D)
+    dtype = inputs_embeds.dtype
+    names = list(adapter_names)
+    for n in names:
+        if n is not None:
+            model._check_adapter(n)
+    adapters = [model.prompt_encoder[n] if n is not None else None for n in names]
+    virtual = [a.input_embeddings() for a in adapters if a is not None and a.placement == "input"]
+    if virtual:  # each segment's virtual slots take rows of the adapters' prompts, stacked in `names` order
+        table = torch.cat(virtual).to(dtype)  # (sum V, D)
+        # Written at their slots by index: gathering a (R, T) index from the table would make the backward an
+        # accumulating scatter of every slot (milliseconds), where this one touches the virtual slots only.
+        R, T, D = inputs_embeds.shape
+        inputs_embeds = inputs_embeds.reshape(R * T, D).index_copy(
+            0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"])
+        ).view(R, T, D)
+    cache = None
+    kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
+    if kvs:
+        kv = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
+        kv = kv[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
+        if kv.requires_grad and reentrant_checkpointing(model.base_model):
+            kv, inputs_embeds = route_prefix_grad(kv, inputs_embeds)
+        cache = build_prefix_cache(model.config, kv, frozen=True)
+    mask = packed_mask(
+        packing["segment_ids"], packing["position_ids"], packing["token_adapter"], packing["prefix_owner"],
+        packing["prefix_positions"], sliding_window(model.config),
+    )
+    hidden = packed_hidden_states(
+        model.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache,
+        packing.get("longest"),
+    )
+    index, targets = packing["loss_index"], packing["loss_targets"]
+    loss, logits = head_loss(model.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
+    num_items = kwargs.get("num_items_in_batch")
+    if num_items is None:  # counted on the device: loss_targets may end in ignored padding
+        num_items = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return CausalLMOutputWithPast(loss=loss / num_items, logits=logits)

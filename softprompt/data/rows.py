@@ -1,6 +1,8 @@
-"""Alpaca rows in, token ids out: reading, the seed's template, bad-row reporting, splitting, padding.
+"""Alpaca rows and conversations in, token ids out: reading, the templates, bad-row reporting, splitting, padding.
 
     rows = load_rows("alpaca.jsonl.gz")                     # instruction / input / output
+    rows = load_rows("chats.jsonl")                         # messages (+ system): ShareGPT or OpenAI messages
+    rows = load_rows("hub:owner/name", split="train")       # any of them through datasets.load_dataset
     data, report = tokenize(rows, tokenizer, max_length=256)  # input_ids / attention_mask / labels
     print(report.summary())
     train, val = split(data, val_size=0.05, seed=0)
@@ -9,9 +11,10 @@
 Row numbers in messages are 1-based, in file order (blank JSON lines are not rows). Tokenize before
 shuffling or splitting, so that they still point into the file.
 
-Every format is read the same way: values as the file has them (a JSON string "42" stays a string, whatever
-else its column holds), a UTF-8 byte order mark at the start is dropped, a key or column given twice is an
-error (readers disagree on which one wins), and JSON nested too deep to read is an error naming the file.
+Files are read by `readers.py` (values as the file has them); the format (`format="auto"`: from the
+columns, `conversations.py`) decides which columns are kept. Conversations keep a `messages` column (the
+turns as the file has them) and a `system` column when the file has one; Alpaca rows keep a `system`
+column only when one is named (ColumnMap(system=...)). `tokenize` checks each row.
 
 Length-grouped batching works with these columns as they are: `TrainingArguments(
 train_sampling_strategy="group_by_length")` measures `len(row["input_ids"])` (the tokenizer's first
@@ -21,47 +24,45 @@ model input) when the dataset has no `length` column.
 from __future__ import annotations
 
 import copy
-import gzip
-import json
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import pyarrow as pa
+from jinja2 import TemplateError
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from softprompt.data.templates import training_texts
+from softprompt.data.conversations import DEFAULT_COLUMN, LOSS_ON, detect_format, read_conversation
+from softprompt.data.readers import HUB, DataError, read_table
+from softprompt.data.templates import conversation_texts, training_texts
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output")
-SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".csv", ".parquet")
 IGNORE_INDEX = -100
 _SOURCE_TAG = "softprompt rows from "  # how load_rows leaves the file's name in dataset.info
 _SHOWN_ROWS = 5  # row numbers listed per reason in a report
 
 
-class DataError(ValueError):
-    """The data cannot be read as Alpaca rows: a wrong path, an empty file, invalid JSON, unknown columns,
-    or (with on_bad_row="error") a bad row. The message names the file and, where there is one, the row."""
-
-
 @dataclass(frozen=True)
 class ColumnMap:
-    """Which of the file's columns hold the instruction, the optional input and the output."""
+    """Which of the file's columns hold the instruction, the optional input and the output (Alpaca rows), or
+    the turns (default: `conversations` for ShareGPT, `messages` for messages), and the optional system text
+    (default: a `system` column of a conversation file; Alpaca rows read one only when it is named)."""
 
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+    messages: str | None = None
+    system: str | None = None
 
     def __post_init__(self) -> None:
-        for name in FIELDS:
+        for name in (*FIELDS, "system", "messages"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value:
+            if (name in FIELDS or value is not None) and (not isinstance(value, str) or not value):
                 raise ValueError(f"ColumnMap.{name}={value!r} is not valid; give the column's name")
         if len({self.instruction, self.input, self.output}) < 3:
             raise ValueError(f"{self} maps two fields to one column; give each field its own column")
@@ -111,160 +112,36 @@ class DataReport:
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-def load_rows(path: str | Path, columns: ColumnMap | None = None) -> datasets.Dataset:
-    """The Alpaca rows of a file or a `save_to_disk` folder, as columns instruction / input / output.
+def load_rows(path: str | Path, columns: ColumnMap | None = None, format: str = "auto", split: str = "train",
+              subset: str | None = None) -> datasets.Dataset:
+    """The rows of a file, a `save_to_disk` folder or `hub:owner/name`, as columns instruction / input /
+    output (Alpaca) or messages (+ system) (ShareGPT, OpenAI messages).
 
-    Reads .json (an array, or JSON lines), .jsonl, .json.gz, .jsonl.gz, .csv, .parquet, and folders
-    written by `Dataset.save_to_disk` (a `DatasetDict` folder gives its "train" split). A missing
-    `input` (no column, no key, or null) means "". Other values are kept as they are, bad ones
-    included: `tokenize` skips and reports bad rows, so that none is dropped in silence.
+    Reads .json (an array, or JSON lines), .jsonl, .json.gz, .jsonl.gz, .csv, .parquet, folders written by
+    `Dataset.save_to_disk` (a `DatasetDict` folder gives its `split`), and hub datasets through
+    `datasets.load_dataset` (its `split`, configuration `subset`). `format` is alpaca, sharegpt, messages or
+    auto (from the columns). A missing Alpaca `input` (no column, no key, or null) means "". Other values are
+    kept as they are, bad ones included: `tokenize` skips and reports bad rows, so that none is dropped in silence.
     """
     columns = columns or ColumnMap()
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder; give the path of a data file or a save_to_disk folder")
-    if path.is_dir():
-        table = _read_saved(path)
-    elif path.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        table = _read_json(path, columns)
-    elif path.name.endswith(".csv"):
-        table = _read_csv(path)
-    elif path.name.endswith(".parquet"):
-        table = _read_parquet(path)
-    else:
-        raise DataError(f"{path}: unknown file type; use one of {', '.join(SUFFIXES)} or a save_to_disk folder")
+    conversation = {columns.messages} if columns.messages else set(DEFAULT_COLUMN.values())
+    wanted = {columns.instruction, columns.input, columns.output, columns.system or "system", *conversation}
+    table = read_table(path, wanted, columns.input, split, subset)
+    source = str(path) if str(path).startswith(HUB) else Path(path)
     if len(table) == 0:
-        raise DataError(f"{path}: the file has no rows")
-    return _select(path, table, columns)
+        raise DataError(f"{source}: the file has no rows")
+    return _select(source, table, columns, format)
 
 
-def _read_saved(path: Path) -> datasets.Dataset:
-    try:
-        saved = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from e
-    if isinstance(saved, datasets.DatasetDict):
-        if "train" not in saved:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(saved)}); "
-                            "save the split to train on, or name it 'train'")
-        others = [name for name in saved if name != "train"]
-        log = logger.warning if others else logger.info
-        log("%s: a DatasetDict; reading its 'train' split%s", path, f", not {', '.join(others)}" if others else "")
-        saved = saved["train"]
-    return saved
-
-
-class _Object(dict):
-    """A JSON object as read, with the keys it gave more than once."""
-
-    def __init__(self, pairs: list[tuple[str, Any]]):
-        super().__init__(pairs)
-        self.repeated = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
-
-
-def _too_deep(path: Path, place: str) -> DataError:
-    return DataError(f"{path}: {place} nests JSON arrays or objects deeper than can be read (Python's recursion "
-                     "limit); Alpaca fields are strings: flatten or remove that value")
-
-
-def _read_json(path: Path, columns: ColumnMap) -> datasets.Dataset:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig") as f:  # "-sig": a byte order mark at the start is dropped
-            text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot be read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {e}") from e
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    if text.lstrip().startswith("["):  # one JSON array
-        try:
-            records = json.loads(text, object_pairs_hook=_Object)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-        except RecursionError:
-            raise _too_deep(path, "the file") from None
-        places = [f"row {number} (1-based)" for number in range(1, len(records) + 1)]
-    else:  # JSON lines; split on "\n" only, since JSON strings may hold a raw U+2028
-        records, places = [], []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line, object_pairs_hook=_Object))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); "
-                                    "fix or remove that line") from e
-                except RecursionError:
-                    raise _too_deep(path, f"line {number}") from None
-                places.append(f"line {number}")
-    for place, record in zip(places, records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: {place} is a {type(record).__name__}, not an object with "
-                            f"{', '.join(FIELDS)}")
-        if record.repeated:
-            raise DataError(f"{path}: {place} gives the key {record.repeated[0]!r} twice (JSON readers differ on "
-                            "which value wins); keep one")
-    names = list(dict.fromkeys(key for record in records for key in record))
-    wanted = {columns.instruction, columns.input, columns.output}
-    arrays, features = {}, {}
-    for name in names:
-        if name not in wanted:  # other columns are dropped: never converted, however they are nested
-            arrays[name], features[name] = pa.nulls(len(records), pa.string()), datasets.Value("string")
-            continue
-        values = [record.get(name) for record in records]
-        if name == columns.input:  # a row without an input, or with a null one, has none: ""
-            values = ["" if value is None else value for value in values]
-        try:
-            arrays[name], features[name] = _json_column(values)
-        except RecursionError:
-            raise _too_deep(path, f"column {name!r}") from None
-    return datasets.Dataset(pa.table(arrays), info=datasets.DatasetInfo(features=datasets.Features(features)))
-
-
-def _json_column(values: list) -> tuple[pa.Array, Any]:
-    """A column of strings as it is; any other column as JSON text per value (datasets' Json feature): a
-    string stays a string ("42" is not 42), and tokenize names each row whose value is not a string."""
-    if all(value is None or isinstance(value, str) for value in values):
-        return pa.array(values, pa.string()), datasets.Value("string")
-    encoded = [None if value is None else json.dumps(value, ensure_ascii=False) for value in values]
-    return pa.ExtensionArray.from_storage(datasets.Json().pa_type, pa.array(encoded, pa.string())), datasets.Json()
-
-
-def _read_csv(path: Path) -> datasets.Dataset:
-    import pandas as pd
-
-    try:
-        # Every cell as text, and "NA" or "null" as the words they are; an empty cell reads as "".
-        text = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig"}
-        header = pd.read_csv(path, header=None, nrows=1, **text).iloc[0].tolist()  # as written: pandas renames repeats
-        frame = pd.read_csv(path, **text)
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path}: the file is empty") from e
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a valid CSV file: {e}") from e
-    _refuse_repeated(path, header)
-    return datasets.Dataset.from_pandas(frame, preserve_index=False)
-
-
-def _refuse_repeated(path: Path, names: list[str]) -> None:
-    repeated = [name for name, count in Counter(names).items() if count > 1]
-    if repeated:
-        raise DataError(f"{path}: the column {repeated[0]!r} appears twice (readers differ on which one wins); "
-                        "rename or remove one")
-
-
-def _read_parquet(path: Path) -> datasets.Dataset:
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-        _refuse_repeated(path, names)  # before reading: pyarrow's own message for it names no column plainly
-        return datasets.Dataset(pq.read_table(path))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a valid Parquet file: {e}") from e
-
-
-def _select(path: Path, table: datasets.Dataset, columns: ColumnMap) -> datasets.Dataset:
+def _select(path: Path | str, table: datasets.Dataset, columns: ColumnMap, format: str) -> datasets.Dataset:
     present = table.column_names
+    try:
+        format = detect_format(str(path), present, format, (columns.instruction, columns.output), columns.messages)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if format != "alpaca":
+        return _select_conversations(path, table, columns.messages or DEFAULT_COLUMN[format],
+                                     columns.system or "system", format)
     required = ["instruction", "output"] + ([] if columns.input == "input" else ["input"])  # a named input must exist
     for name in required:
         column = getattr(columns, name)
@@ -274,7 +151,24 @@ def _select(path: Path, table: datasets.Dataset, columns: ColumnMap) -> datasets
     if columns.input not in present:
         table = table.add_column(columns.input, [""] * len(table), feature=datasets.Value("string"))
     mapping = {getattr(columns, name): name for name in FIELDS}
-    table = table.select_columns(list(mapping)).rename_columns(mapping).select_columns(list(FIELDS))
+    if columns.system is not None:  # named: it must be there
+        if columns.system not in present:
+            raise DataError(f"{path}: no column {columns.system!r} for the system text (columns present: "
+                            f"{', '.join(present)}); name one of them, or none")
+        mapping[columns.system] = "system"
+    table = table.select_columns(list(mapping)).rename_columns(mapping).select_columns(list(mapping.values()))
+    table.info.description = _SOURCE_TAG + str(path)
+    return table
+
+
+def _select_conversations(path: Path | str, table: datasets.Dataset, column: str, system: str,
+                          format: str) -> datasets.Dataset:
+    present = table.column_names
+    if column not in present:
+        raise DataError(f"{path}: no column {column!r} holding the {format} turns (columns present: "
+                        f"{', '.join(present)}); set messages_column to the column that holds them")
+    mapping = {column: "messages", **({system: "system"} if system in present and system != column else {})}
+    table = table.select_columns(list(mapping)).rename_columns(mapping)
     table.info.description = _SOURCE_TAG + str(path)
     return table
 
@@ -286,9 +180,9 @@ def _source_of(dataset: datasets.Dataset) -> str:
 
 # ---- tokenizing -------------------------------------------------------------------------------------
 
-def _row_problem(instruction: Any, input: Any, output: Any) -> str | None:
-    for name, value in (("instruction", instruction), ("input", input), ("output", output)):
-        if value is None and name != "input":
+def _row_problem(instruction: Any, input: Any, output: Any, system: Any = None) -> str | None:
+    for name, value in (("instruction", instruction), ("input", input), ("output", output), ("system", system)):
+        if value is None and name in ("instruction", "output"):
             return f"{name} is missing"
         if value is not None and not isinstance(value, str):
             return f"{name} is {type(value).__name__}, not a string"
@@ -304,16 +198,19 @@ def tokenize(
     template: Literal["alpaca", "chat"] = "alpaca",
     num_proc: int | None = None,
     on_bad_row: Literal["skip", "error"] = "skip",
+    loss_on: Literal["assistant", "all"] = "assistant",
 ) -> tuple[datasets.Dataset, DataReport]:
-    """Rows with instruction / input / output become input_ids / attention_mask / labels.
+    """Rows with instruction / input / output, or with messages (+ system), become input_ids / attention_mask / labels.
 
     template="alpaca" is the seed's `process_func`, token for token: the prompt and `output + eos` are
     tokenized apart with the tokenizer's default special tokens, the prompt's labels are -100, and the
     row is cut at max_length. template="chat" uses the tokenizer's chat template instead (the user says
-    instruction + "\\n" + input; only the assistant's tokens are learned).
+    instruction + "\\n" + input; only the assistant's tokens are learned). A conversation is rendered turn by
+    turn (`templates.conversation_texts`), each piece tokenized as the seed tokenizes its two, and a row
+    of one user and one assistant turn gives the Alpaca row's tokens. loss_on="all" gives every token its label.
 
-    Bad rows (missing, non-string or empty fields; a response cut away by max_length) are skipped and
-    counted in the report, or raise DataError with on_bad_row="error".
+    Bad rows (missing, non-string or empty fields; turns out of order; every assistant token cut away by
+    max_length) are skipped and counted in the report, or raise DataError with on_bad_row="error".
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length={max_length!r} is not valid; it must be an integer of at least 2")
@@ -321,38 +218,67 @@ def tokenize(
         raise ValueError(f"template={template!r} is not valid; allowed values: 'alpaca', 'chat'")
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row={on_bad_row!r} is not valid; allowed values: 'skip', 'error'")
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on={loss_on!r} is not valid; allowed values: {', '.join(LOSS_ON)}")
     if template == "alpaca" and tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token, which ends every Alpaca response; set tokenizer.eos_token")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='chat' needs a tokenizer with a chat template, and this one has none; "
                          "use template='alpaca' or set tokenizer.chat_template")
     source = _source_of(dataset)
-    for name in ("instruction", "output"):
+    conversations = "messages" in dataset.column_names
+    for name in () if conversations else ("instruction", "output"):
         if name not in dataset.column_names:
             raise DataError(f"{source}: no column {name!r} (columns present: {', '.join(dataset.column_names)}); "
                             "read files with load_rows(path, ColumnMap(...)) or rename the columns")
     # The chat template already holds its special tokens; the seed's template takes the tokenizer's default.
     special = {} if template == "alpaca" else {"add_special_tokens": False}
 
-    def encode(batch: dict[str, list]) -> pa.Table:
+    def pieces(batch: dict[str, list]) -> tuple[list[str | None], list[list[tuple[str, bool]]]]:
+        """Each row's problem (None: good) and its (text, is_assistant) pieces ([] for a bad row)."""
+        if conversations:
+            systems = batch["system"] if "system" in batch else [None] * len(batch["messages"])
+            read = [read_conversation(turns, system) for turns, system in zip(batch["messages"], systems)]
+            problems, texts = [problem for _, problem in read], []
+            for i, (messages, _) in enumerate(read):
+                try:
+                    texts.append(conversation_texts(tokenizer, template, messages) if messages else [])
+                except TemplateError as e:  # a chat template that refuses this row (e.g. no system role)
+                    problems[i] = f"the chat template refuses it: {e}"
+                    texts.append([])
+            return problems, texts
         size = len(batch["instruction"])
         inputs = batch["input"] if "input" in batch else [None] * size
-        problems = [_row_problem(*row) for row in zip(batch["instruction"], inputs, batch["output"])]
-        good = [i for i in range(size) if problems[i] is None]
-        texts = [training_texts(tokenizer, template, batch["instruction"][i], inputs[i] or "", batch["output"][i])
-                 for i in good]
-        # One batched call into the fast tokenizer does the work (prompts and responses apart, as the
-        # seed); the rest is list arithmetic.
-        ids = _token_ids(tokenizer, [prompt for prompt, _ in texts] + [response for _, response in texts], special)
-        prompts, responses = ids[: len(texts)], ids[len(texts):]
+        systems = batch["system"] if "system" in batch else [None] * size
+        rows = list(zip(batch["instruction"], inputs, batch["output"], systems))
+        problems = [_row_problem(*row) for row in rows]
+        texts = [[] if problem else list(zip(training_texts(tokenizer, template, instruction, input or "", output,
+                                                            system), (False, True)))
+                 for problem, (instruction, input, output, system) in zip(problems, rows)]
+        return problems, texts
+
+    def encode(batch: dict[str, list]) -> pa.Table:
+        problems, rows = pieces(batch)
+        # One batched call into the fast tokenizer does the work (each piece apart, as the seed tokenizes
+        # prompt and response); the rest is list arithmetic.
+        ids = iter(_token_ids(tokenizer, [text for row in rows for text, _ in row], special))
+        size = len(rows)
         input_ids, labels, truncated = [[]] * size, [[]] * size, [False] * size  # bad rows stay empty
-        for i, prompt, response in zip(good, prompts, responses):
-            if len(prompt) >= max_length:
+        for i, row in enumerate(rows):
+            row_ids, row_labels, first_learned = [], [], None
+            for _, assistant in row:
+                part = next(ids)
+                if assistant and first_learned is None:
+                    first_learned = len(row_ids)
+                row_ids += part
+                row_labels += part if assistant or loss_on == "all" else [IGNORE_INDEX] * len(part)
+            if problems[i] is not None:
+                continue
+            if first_learned >= max_length:
                 problems[i] = f"response cut away by max_length={max_length}"
                 continue
-            input_ids[i] = (prompt + response)[:max_length]
-            labels[i] = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-            truncated[i] = len(prompt) + len(response) > max_length
+            input_ids[i], labels[i] = row_ids[:max_length], row_labels[:max_length]
+            truncated[i] = len(row_ids) > max_length
         # An Arrow table with a fixed schema: a batch of bad rows alone keeps the types, and no cast is needed.
         int_lists = pa.list_(pa.int64())
         return pa.table({

@@ -1,6 +1,7 @@
 """Every prompt softprompt renders, in one place: the seed's Human/Assistant format and the tokenizer's chat template.
 
     training_texts(tokenizer, "alpaca", instruction, input, output)  # (prompt, response) a row trains on
+    conversation_texts(tokenizer, "alpaca", messages)                # [(text, is_assistant), ...] of a conversation
     prompt_text(tokenizer, "alpaca", instruction, input, history)    # what `generate` / `chat` / `eval` send
     seed_chat_prompt([("user", "hi")])                               # what the server sends (OpenAI messages)
 
@@ -19,18 +20,59 @@ def alpaca_prompt(instruction: str, input: str) -> str:
 
 
 def training_texts(
-    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str, output: str
+    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str, output: str,
+    system: str | None = None,
 ) -> tuple[str, str]:
-    """(prompt, response) as text: the prompt's tokens are masked from the loss, the response's learned."""
+    """(prompt, response) as text: the prompt's tokens are masked from the loss, the response's learned.
+    A system text goes first, as in a conversation (`conversation_texts`)."""
+    system = [{"role": "system", "content": system}] if system and system.strip() else []
     if template == "alpaca":
-        return alpaca_prompt(instruction, input), output + tokenizer.eos_token
+        before = system[0]["content"].strip() + "\n\n" if system else ""
+        return before + alpaca_prompt(instruction, input), output + tokenizer.eos_token
     user = {"role": "user", "content": (instruction + "\n" + input).strip()}
-    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template([user, {"role": "assistant", "content": output}], tokenize=False)
-    if not whole.startswith(prompt):
-        raise ValueError("the tokenizer's chat template does not render the prompt as the start of the "
-                         "conversation, so the assistant's tokens cannot be told apart; use template='alpaca'")
-    return prompt, whole[len(prompt):]
+    messages = [*system, user, {"role": "assistant", "content": output}]
+    (prompt, _), (response, _) = conversation_texts(tokenizer, template, messages)
+    return prompt, response
+
+
+def conversation_texts(
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, str]]
+) -> list[tuple[str, bool]]:
+    """A conversation as (text, is_assistant) pieces that join to the whole rendered conversation.
+
+    "alpaca", the seed's format carried on turn by turn (the server's `seed_chat_prompt` layout, with an eos
+    where each answer ends):
+
+        {system}\n\n  Human: {user}\n\nAssistant: | {answer}</s> | \n\nHuman: {user}\n\nAssistant: | {answer}</s>
+
+    so a one-turn conversation is exactly an Alpaca row's (prompt, output + eos). "chat": the tokenizer's
+    template, cut where each assistant turn starts and ends (it must render each shorter conversation as the
+    start of the longer one).
+    """
+    pieces: list[tuple[str, bool]] = []
+    if template == "alpaca":
+        before = ""
+        for message in messages:
+            if message["role"] == "system":
+                before = message["content"].strip() + "\n\n"
+            elif message["role"] == "user":
+                pieces.append((before + alpaca_prompt(message["content"], ""), False))
+            else:
+                pieces.append((message["content"] + tokenizer.eos_token, True))
+                before = "\n\n"
+        return pieces
+    done = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not (prompt.startswith(done) and whole.startswith(prompt)):
+            raise ValueError("the tokenizer's chat template does not render the prompt as the start of the "
+                             "conversation, so the assistant's tokens cannot be told apart; use template='alpaca'")
+        pieces += [(prompt[len(done):], False), (whole[len(prompt):], True)]
+        done = whole
+    return pieces
 
 
 def prompt_text(tokenizer, template: str, instruction: str, input: str = "", history: list[tuple[str, str]] | None = None) -> str:

@@ -5,8 +5,8 @@
         report.json                                     the DataReport, so the run prints the same summary
 
 The key covers everything the tokens depend on: the file (path, size, modification time; for a folder,
-every file in it), the tokenizer (its full serialisation and special tokens), the template, max_length and
-the columns. A folder is written under a temporary name and renamed into place, so a killed run or a
+every file in it; for `hub:owner/name`, the arrow files `datasets` cached it in), the tokenizer (its full
+serialisation and special tokens), the template, max_length, the columns, the format, the split and loss_on. A folder is written under a temporary name and renamed into place, so a killed run or a
 concurrent one never leaves a half cache behind.
 """
 
@@ -23,27 +23,38 @@ from pathlib import Path
 
 import datasets
 
+from softprompt.data.readers import HUB
 from softprompt.data.rows import ColumnMap, DataReport, load_rows, tokenize
 from softprompt.io.base_models import cache_root
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when load_rows() or tokenize() change what they produce (2: mixed-type JSON columns)
+FORMAT = 3  # bump when load_rows() or tokenize() change what they produce (3: conversations, loss_on)
 
 
 def tokenized_rows(path: str | Path, columns: ColumnMap, tokenizer, max_length: int, template: str,
-                   cache: bool = True) -> tuple[datasets.Dataset, DataReport]:
+                   cache: bool = True, format: str = "auto", loss_on: str = "assistant", split: str = "train",
+                   subset: str | None = None) -> tuple[datasets.Dataset, DataReport]:
     """`tokenize(load_rows(path))`, from the cache when the same file was tokenized the same way before."""
-    if not cache or not Path(path).exists():  # load_rows names a missing file
-        return tokenize(load_rows(path, columns), tokenizer, max_length=max_length, template=template)
-    folder = cache_root() / "tokenized" / _key(path, columns, tokenizer, max_length, template)
+    hub = str(path).startswith(HUB)
+    rows = load_rows(path, columns, format, split, subset) if hub else None  # known by the files datasets cached
+
+    def encode() -> tuple[datasets.Dataset, DataReport]:
+        read = rows if rows is not None else load_rows(path, columns, format, split, subset)
+        return tokenize(read, tokenizer, max_length=max_length, template=template, loss_on=loss_on)
+
+    if not cache or not (hub or Path(path).exists()):  # load_rows names a missing file
+        return encode()
+    files = [Path(f["filename"]) for f in rows.cache_files] if hub else _files(path)
+    settings = [dataclasses.asdict(columns), max_length, template, format, loss_on, split, subset]
+    folder = cache_root() / "tokenized" / _key(files, settings, tokenizer)
     if (folder / "report.json").is_file():
         try:
             report = DataReport(**_report_fields(json.loads((folder / "report.json").read_text(encoding="utf-8"))))
             return datasets.load_from_disk(str(folder)), report
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             logger.warning("tokenized cache %s is unreadable (%s); tokenizing again", folder, err)
-    data, report = tokenize(load_rows(path, columns), tokenizer, max_length=max_length, template=template)
+    data, report = encode()
     try:
         _store(folder, data, report)
     except OSError as err:  # a read-only or full disk: train without the cache
@@ -71,14 +82,17 @@ def _report_fields(raw: dict) -> dict:
     return raw
 
 
-def _key(path, columns: ColumnMap, tokenizer, max_length: int, template: str) -> str:
-    h = hashlib.sha256(f"softprompt-tokenized-{FORMAT}".encode())
+def _files(path) -> list[Path]:
     path = Path(path).resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _key(files: list[Path], settings: list, tokenizer) -> str:
+    h = hashlib.sha256(f"softprompt-tokenized-{FORMAT}".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps([dataclasses.asdict(columns), max_length, template], sort_keys=True).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
     special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "chat_template", None),

@@ -5,13 +5,17 @@ Two routes, both through public modules and forward arguments (nothing is patche
 - most families (Llama, Qwen2, Mistral, Gemma, GPT-2, GPT-NeoX, ...): the backbone (`model.base_model`) takes
   a 4-D mask, which transformers' `create_causal_mask` passes through as given, and `position_ids`;
 - BLOOM takes only a 2-D mask, from which it builds its ALiBi bias, so no mask can keep packed rows apart.
-  Its blocks are called here in the order `BloomModel.forward` calls them, with the block-diagonal mask and
-  the ALiBi bias of each key's own position (`slope * position`, as BLOOM computes it from a 2-D mask).
+  Its blocks run here in the order `BloomModel.forward` runs them (`bloom_block`: the block's own modules, its
+  attention through `scaled_dot_product_attention`), with the block-diagonal mask and the ALiBi bias of each
+  key's own position (`slope * position`, as BLOOM computes it from a 2-D mask) as one additive bias.
 
 The LM head then runs on the positions that carry a loss only (`head_logits`).
 """
 
 from __future__ import annotations
+
+import weakref
+from functools import partial
 
 import torch
 from torch import nn
@@ -130,19 +134,70 @@ def packed_hidden_states(
 
 
 def _bloom_hidden_states(transformer, inputs_embeds, mask, position_ids, prefix_positions, cache) -> torch.Tensor:
-    R = inputs_embeds.shape[0]
+    R, T, _ = inputs_embeds.shape
+    H = transformer.num_heads
     key_positions = torch.cat([prefix_positions[None].expand(R, -1), position_ids], dim=1)  # (R, K + T)
-    # BLOOM's slopes, read off its own function: the bias of position 1 is the slope.
-    slopes = transformer.build_alibi_tensor(
-        torch.ones(1, 2, device=inputs_embeds.device), transformer.num_heads, torch.float32
-    )[:, 0, 1]  # (H,)
-    alibi = slopes[None, :, None] * key_positions[:, None, :].float()  # (R, H, K + T), fp32 as BLOOM does
-    alibi = alibi.reshape(R * transformer.num_heads, 1, -1).to(inputs_embeds.dtype)
-    bias = _additive(mask, inputs_embeds.dtype)
+    alibi = _alibi_slopes(transformer, inputs_embeds.device)[None, :, None] * key_positions[:, None, :].float()
+    if not _sdpa_blocks(transformer):  # BLOOM's own blocks: alibi (R * H, 1, K + T), fp32 as BLOOM computes it
+        alibi = alibi.reshape(R * H, 1, -1).to(inputs_embeds.dtype)
+        bias = _additive(mask, inputs_embeds.dtype)
+        hidden = transformer.word_embeddings_layernorm(inputs_embeds)
+        for block in transformer.h:
+            hidden = block(hidden, alibi=alibi, attention_mask=bias, layer_past=cache, use_cache=False)[0]
+        return transformer.ln_f(hidden)
+    # ALiBi and the packed mask as one additive bias (R, H, T, K + T), shared by every layer
+    bias = (alibi[:, :, None, :] + _additive(mask, torch.float32)).to(inputs_embeds.dtype)
+    run = _compiled_blocks.get(transformer, bloom_block)
     hidden = transformer.word_embeddings_layernorm(inputs_embeds)
-    for block in transformer.h:
-        hidden = block(hidden, alibi=alibi, attention_mask=bias, layer_past=cache, use_cache=False)[0]
+    for i, block in enumerate(transformer.h):
+        # the layer's prefix as tensors: the compiled block then serves every layer (no layer index inside)
+        prefix = None if cache is None else (cache.layers[i].keys, cache.layers[i].values)
+        if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
+            hidden = block._gradient_checkpointing_func(partial(run, block, bias=bias, prefix=prefix), hidden)
+        else:
+            hidden = run(block, hidden, bias=bias, prefix=prefix)
     return transformer.ln_f(hidden)
+
+
+def bloom_block(block: nn.Module, hidden: torch.Tensor, bias: torch.Tensor,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`BloomBlock.forward` with its attention through `scaled_dot_product_attention` (fused kernels, no
+    (T, T) probabilities kept per layer), on the block's own modules and weights. BLOOM's eager attention is
+    `softmax(alibi + q.k / sqrt(d) + mask) v`; `bias` is alibi + mask. hidden (R, T, D) -> (R, T, D)."""
+    attn = block.self_attention
+    post_norm = block.apply_residual_connection_post_layernorm
+    normed = block.input_layernorm(hidden)
+    residual = normed if post_norm else hidden
+    q, k, v = attn._reshape(attn.query_key_value(normed))  # 3 x (R, H, T, head_dim), views of one tensor
+    if prefix is not None:  # the prefix in front: (R, H, K + T, head_dim)
+        k, v = torch.cat([prefix[0], k], dim=-2), torch.cat([prefix[1], v], dim=-2)
+    dropout = attn.attention_dropout.p if attn.training else 0.0
+    context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                         scale=attn.inv_norm_factor)  # (R, H, T, head_dim)
+    context = context.transpose(1, 2).flatten(2)  # (R, T, H * head_dim)
+    out = nn.functional.dropout(attn.dense(context), attn.hidden_dropout, attn.training) + residual
+    normed = block.post_attention_layernorm(out)
+    return block.mlp(normed, normed if post_norm else out)
+
+
+def _sdpa_blocks(transformer) -> bool:
+    """Whether `bloom_block` computes what the blocks do: not with BLOOM's exact tensor-parallel slicing."""
+    config = transformer.config
+    return not (getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False))
+
+
+_compiled_blocks: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_slopes: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _alibi_slopes(transformer, device) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (H,), fp32, read off its own function once per device: the bias of position 1 is
+    the slope. (Computing them every step copies a scalar to the device, which waits for the GPU.)"""
+    per_device = _slopes.setdefault(transformer, {})
+    if device not in per_device:
+        alibi = transformer.build_alibi_tensor(torch.ones(1, 2), transformer.num_heads, torch.float32)
+        per_device[device] = alibi[:, 0, 1].to(device)
+    return per_device[device]
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -154,7 +209,51 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> str | None:
+# Above this many logits (rows x vocabulary) the loss is computed a chunk of rows at a time (`head_loss`).
+HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+              chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed cross-entropy of the LM head on hidden states `(N, D)` against `targets` `(N,)` (-100 ignored),
+    and the logits `(N, vocab)`; None for the logits when they were too many to keep.
+
+    Batch 32 of 256-token rows has ~3,500 loss positions: with a 49k vocabulary their logits, fp32 copy and
+    gradient are ~1.7 GB held from the forward to the backward. Past `chunk_elements` logits the loss runs a
+    chunk of rows at a time and each chunk's gradient is taken in the forward (the loss is a sum, so the
+    backward only scales it): no (N, vocab) tensor outlives its chunk. The head's weights are frozen here."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // vocab)
+    head = model.get_output_embeddings()
+    if hidden.shape[0] <= chunk or not (torch.is_grad_enabled() and hidden.requires_grad) or any(
+        p.requires_grad for p in head.parameters()
+    ):
+        logits = head_logits(model, hidden)
+        return nn.functional.cross_entropy(logits.float(), targets, reduction="sum"), logits
+    return _ChunkedHeadLoss.apply(hidden, targets, partial(head_logits, model), chunk), None
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk):
+        grad = torch.empty_like(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            part = hidden[start : start + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(head(part).float(), targets[start : start + chunk], reduction="sum")
+            (grad[start : start + chunk],) = torch.autograd.grad(loss, part)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> str | None:
     """`torch.compile` each decoder layer of the frozen base in place (one graph serves every layer); the
     reason when it is skipped. Shapes are dynamic (packed micro-batches vary in rows and length), and a
     layer dynamo cannot compile runs eagerly with a warning instead of stopping the run."""
@@ -175,5 +274,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> str | None:
     dynamo_config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     for layer in layers:
-        layer.compile(backend=backend, dynamic=True)
+        layer.compile(backend=backend, dynamic=True, mode=mode)
+    if is_bloom(model):  # packed rows run the blocks through `bloom_block`
+        _compiled_blocks[model.transformer] = torch.compile(bloom_block, backend=backend, dynamic=True, mode=mode)
     return None

@@ -68,17 +68,28 @@ def logits_processors(config: GenerationConfig, input_length: int, eos: torch.Te
     if config.min_new_tokens and eos is not None:
         procs.append(MinNewTokensLengthLogitsProcessor(input_length, config.min_new_tokens, eos, device=device))
     if config.do_sample:
-        if config.temperature is not None and config.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k:
-            procs.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-        if config.top_p is not None and config.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        procs.extend(sampling_warpers(config.temperature, config.top_k, config.top_p))
         if config.min_p is not None:
             procs.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
         if config.typical_p is not None and config.typical_p < 1.0:
             procs.append(TypicalLogitsWarper(mass=config.typical_p, min_tokens_to_keep=1))
     return procs
+
+
+def sampling_warpers(temperature: float | None, top_k: int | None, top_p: float | None) -> list:
+    """Temperature, then top-k, then top-p, as transformers warps (each left out when it is off: 1.0, 0, 1.0).
+
+    `generate` and the serving engine's sampler (`serve/sampler.py`) both warp through these, so a sample means
+    the same in both; each warper maps last-position scores `(B, vocab)` to warped scores, ignoring the ids.
+    """
+    warpers = []
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
 
 
 def eos_tensor(config: GenerationConfig, device) -> torch.Tensor | None:

@@ -28,7 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from softprompt.methods.adapter import PromptAdapter, config_class_for
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import config_class_for
 from softprompt.methods.config import ModelShape, PromptLearningConfig
 
 CONFIG_NAME = "adapter_config.json"

@@ -1,9 +1,5 @@
-"""The prompt-learning methods: the interface (`adapter.py`), the shared config (`config.py`) and one file per method.
+"""The prompt-learning methods: the configs and the registry (`config.py`, no torch), the interface
+(`adapter.py`) and one module per method (`prompt_tuning.py`, `p_tuning.py`, `prefix_tuning.py`).
 
-Pure torch. Importing this package registers the three methods (`peft_type -> config class`).
+Importing this package loads no torch: a run's config is read and checked before any model code loads.
 """
-
-# registered in this order (the order `softprompt train` lists them in)
-from softprompt.methods import prompt_tuning  # noqa: F401, I001
-from softprompt.methods import p_tuning  # noqa: F401
-from softprompt.methods import prefix_tuning  # noqa: F401

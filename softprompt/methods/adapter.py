@@ -1,4 +1,4 @@
-"""The one interface every prompt method answers, and the registry that maps peft types to methods.
+"""The one interface every prompt method answers (the registry of methods is in `config.py`).
 
 An adapter gives, for the rows that use it, either virtual-token input embeddings `(V, D)` placed
 before the text, or a key/value prefix `(layers, 2, kv_heads, V, head_dim)` seen by every attention
@@ -70,23 +70,3 @@ class PromptAdapter(nn.Module):
     def has_encoder(self) -> bool:
         """Whether parameters beyond the exported prompt exist (saved in softprompt's own file)."""
         return False
-
-
-_REGISTRY: dict[str, type[PromptLearningConfig]] = {}
-
-
-def register(config_class: type[PromptLearningConfig]) -> type[PromptLearningConfig]:
-    _REGISTRY[config_class.peft_type] = config_class
-    return config_class
-
-
-def methods() -> dict[str, type[PromptLearningConfig]]:
-    """Every registered method by the name `softprompt train` takes (`prompt_tuning`), in registration order."""
-    return {cls.method_name(): cls for cls in _REGISTRY.values()}
-
-
-def config_class_for(peft_type: str) -> type[PromptLearningConfig]:
-    if peft_type not in _REGISTRY:
-        allowed = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"peft_type={peft_type!r} is not supported by softprompt; supported: {allowed}")
-    return _REGISTRY[peft_type]

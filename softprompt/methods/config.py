@@ -1,8 +1,11 @@
-"""Configs shared by the three methods, and the base model's shape they are resolved against.
+"""What a user sets for each method: the configs, the registry of methods, and the base model's shape.
 
 Configs are frozen dataclasses with peft's field names, so that peft's `adapter_config.json` reads into
 them and theirs into peft. Values that depend on the base model are filled by `resolve(model_config)`,
 which returns a new config; nothing mutates a config in place.
+
+No torch here: `softprompt train` reads and checks a run's config (a bad option fails at once) before torch
+loads. Each method's module lives in `methods/<method_name>.py`, which its config's `build()` imports.
 """
 
 from __future__ import annotations
@@ -10,7 +13,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from softprompt.methods.p_tuning import PromptEncoder
+    from softprompt.methods.prefix_tuning import PrefixEncoder
+    from softprompt.methods.prompt_tuning import PromptEmbedding
 
 
 class TaskType(str, enum.Enum):
@@ -220,3 +230,174 @@ class PromptLearningConfig:
         """Build from `adapter_config.json` content; keys this config does not know are ignored (like peft)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# -- the registry: peft's type -> the method's config class ----------------------------------------------
+_REGISTRY: dict[str, type[PromptLearningConfig]] = {}
+
+
+def register(config_class: type[PromptLearningConfig]) -> type[PromptLearningConfig]:
+    _REGISTRY[config_class.peft_type] = config_class
+    return config_class
+
+
+def methods() -> dict[str, type[PromptLearningConfig]]:
+    """Every registered method by the name `softprompt train` takes (`prompt_tuning`), in registration order."""
+    return {cls.method_name(): cls for cls in _REGISTRY.values()}
+
+
+def config_class_for(peft_type: str) -> type[PromptLearningConfig]:
+    if peft_type not in _REGISTRY:
+        allowed = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"peft_type={peft_type!r} is not supported by softprompt; supported: {allowed}")
+    return _REGISTRY[peft_type]
+
+
+# -- each method's options, in the order `softprompt train` lists them. Its module (torch) is in
+# `methods/<method_name>.py`; `build()` imports it, so reading a config never loads torch.
+class PromptTuningInit(str, enum.Enum):
+    RANDOM = "RANDOM"  # N(0, 1), as peft
+    TEXT = "TEXT"  # the embeddings of a text's tokens, repeated or cut to V
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"  # the embeddings of V random vocabulary tokens
+
+
+@register
+@dataclass(frozen=True)
+class PromptTuningConfig(PromptLearningConfig):
+    peft_type = "PROMPT_TUNING"
+    learning_rate = 3e-1
+
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        init = coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
+        object.__setattr__(self, "prompt_tuning_init", init)
+        if init is PromptTuningInit.TEXT and not self.inference_mode:
+            if not self.prompt_tuning_init_text:
+                raise ValueError("prompt_tuning_init_text is required when prompt_tuning_init='TEXT'")
+        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
+            raise ValueError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} is not valid; it must be a dict")
+        if self.tokenizer_kwargs and init is not PromptTuningInit.TEXT:
+            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
+
+    @property
+    def variant(self) -> str:
+        return f"prompt tuning, {self.prompt_tuning_init.value} init"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptTuningInit.RANDOM: 3e-1, PromptTuningInit.TEXT: 3e-1, PromptTuningInit.SAMPLE_VOCAB: 3e-1}
+        return DefaultLearningRate(rates[self.prompt_tuning_init], self.variant, DEMO_SWEEP)
+
+    @classmethod
+    def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
+        """TEXT init: the tokenizer is the base model's, and with no num_virtual_tokens there is one virtual
+        token per token of the text (the seed's script)."""
+        kwargs = dict(keys)
+        if str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value):
+            kwargs.setdefault("tokenizer_name_or_path", model)
+            text = kwargs.get("prompt_tuning_init_text")
+            if "num_virtual_tokens" not in kwargs and text and tokenizer is not None:
+                kwargs["num_virtual_tokens"] = len(tokenizer(text)["input_ids"])
+        return super().for_training(kwargs, model, tokenizer)
+
+    def build(self, shape: ModelShape, word_embeddings: nn.Embedding, tokenizer=None) -> PromptEmbedding:
+        from softprompt.methods.prompt_tuning import PromptEmbedding
+
+        return PromptEmbedding(self, shape, word_embeddings, tokenizer)
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+@register
+@dataclass(frozen=True)
+class PromptEncoderConfig(PromptLearningConfig):
+    peft_type = "P_TUNING"
+    learning_rate = 1e-2
+
+    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kind = coerce_enum(
+            PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type"
+        )
+        object.__setattr__(self, "encoder_reparameterization_type", kind)
+        if self.encoder_hidden_size is not None:
+            check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        check_positive_int(self.encoder_num_layers, "encoder_num_layers")
+        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) or not (
+            0.0 <= self.encoder_dropout < 1.0
+        ):
+            raise ValueError(f"encoder_dropout={self.encoder_dropout!r} is not valid; it must be in [0, 1)")
+
+    @property
+    def variant(self) -> str:
+        return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptEncoderReparameterizationType.MLP: 1e-2, PromptEncoderReparameterizationType.LSTM: 1e-2}
+        return DefaultLearningRate(rates[self.encoder_reparameterization_type], self.variant, DEMO_SWEEP)
+
+    def resolve(self, shape: ModelShape) -> "PromptEncoderConfig":
+        resolved = super().resolve(shape)
+        return dataclasses.replace(resolved, encoder_hidden_size=self.encoder_hidden_size or resolved.token_dim)
+
+    def build(self, shape: ModelShape, word_embeddings: nn.Embedding | None = None, tokenizer=None) -> PromptEncoder:
+        from softprompt.methods.p_tuning import PromptEncoder
+
+        return PromptEncoder(self, shape)
+
+
+@register
+@dataclass(frozen=True)
+class PrefixTuningConfig(PromptLearningConfig):
+    peft_type = "PREFIX_TUNING"
+    learning_rate = 3e-2
+    prompt_in_vocabulary = False  # keys and values inside attention, not word embeddings
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None  # None: random (peft's default), "zero": the prefix starts at zero
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encoder_hidden_size is not None:
+            check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection={self.prefix_projection!r} is not valid; it must be true or false")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
+
+    @property
+    def variant(self) -> str:
+        return f"prefix tuning {'with' if self.prefix_projection else 'without'} projection"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
+            return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
+        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
+
+    def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
+        # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,
+        # whatever the user passed (peft's rule too, so the files agree).
+        return dataclasses.replace(
+            super().resolve(shape),
+            token_dim=shape.kv_dim,
+            num_attention_heads=shape.num_key_value_heads,
+            encoder_hidden_size=self.encoder_hidden_size or shape.kv_dim,
+        )
+
+    def build(self, shape: ModelShape, word_embeddings: nn.Embedding | None = None, tokenizer=None) -> PrefixEncoder:
+        from softprompt.methods.prefix_tuning import PrefixEncoder
+
+        return PrefixEncoder(self, shape)

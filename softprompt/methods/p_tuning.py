@@ -8,69 +8,13 @@ encoder (MLP, or bidirectional LSTM + MLP head) maps V learned inputs to the V e
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import (
-    DEMO_SWEEP,
-    DefaultLearningRate,
-    ModelShape,
-    PromptLearningConfig,
-    check_positive_int,
-    coerce_enum,
-)
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import ModelShape, PromptEncoderConfig, PromptEncoderReparameterizationType
 
-
-class PromptEncoderReparameterizationType(str, enum.Enum):
-    MLP = "MLP"
-    LSTM = "LSTM"
-
-
-@register
-@dataclass(frozen=True)
-class PromptEncoderConfig(PromptLearningConfig):
-    peft_type = "P_TUNING"
-    learning_rate = 1e-2
-
-    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        kind = coerce_enum(
-            PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type"
-        )
-        object.__setattr__(self, "encoder_reparameterization_type", kind)
-        if self.encoder_hidden_size is not None:
-            check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        check_positive_int(self.encoder_num_layers, "encoder_num_layers")
-        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) or not (
-            0.0 <= self.encoder_dropout < 1.0
-        ):
-            raise ValueError(f"encoder_dropout={self.encoder_dropout!r} is not valid; it must be in [0, 1)")
-
-    @property
-    def variant(self) -> str:
-        return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
-
-    def default_learning_rate(self) -> DefaultLearningRate:
-        rates = {PromptEncoderReparameterizationType.MLP: 1e-2, PromptEncoderReparameterizationType.LSTM: 1e-2}
-        return DefaultLearningRate(rates[self.encoder_reparameterization_type], self.variant, DEMO_SWEEP)
-
-    def resolve(self, shape: ModelShape) -> "PromptEncoderConfig":
-        resolved = super().resolve(shape)
-        import dataclasses
-
-        return dataclasses.replace(resolved, encoder_hidden_size=self.encoder_hidden_size or resolved.token_dim)
-
-    def build(self, shape: ModelShape, word_embeddings: nn.Embedding | None = None, tokenizer=None) -> "PromptEncoder":
-        return PromptEncoder(self, shape)
+__all__ = ["PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]
 
 
 class PromptEncoder(PromptAdapter):

@@ -10,57 +10,13 @@ Optionally (`prefix_projection`) the prefix is an MLP of V learned embeddings, a
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import DEMO_SWEEP, DefaultLearningRate, ModelShape, PromptLearningConfig, check_positive_int
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import ModelShape, PrefixTuningConfig
 
-
-@register
-@dataclass(frozen=True)
-class PrefixTuningConfig(PromptLearningConfig):
-    peft_type = "PREFIX_TUNING"
-    learning_rate = 3e-2
-    prompt_in_vocabulary = False  # keys and values inside attention, not word embeddings
-
-    encoder_hidden_size: int | None = None
-    prefix_projection: bool = False
-    init_weights: str | None = None  # None: random (peft's default), "zero": the prefix starts at zero
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.encoder_hidden_size is not None:
-            check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"prefix_projection={self.prefix_projection!r} is not valid; it must be true or false")
-        if self.init_weights not in (None, "zero"):
-            raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
-
-    @property
-    def variant(self) -> str:
-        return f"prefix tuning {'with' if self.prefix_projection else 'without'} projection"
-
-    def default_learning_rate(self) -> DefaultLearningRate:
-        if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
-            return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
-        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
-
-    def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
-        # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,
-        # whatever the user passed (peft's rule too, so the files agree).
-        return dataclasses.replace(
-            super().resolve(shape),
-            token_dim=shape.kv_dim,
-            num_attention_heads=shape.num_key_value_heads,
-            encoder_hidden_size=self.encoder_hidden_size or shape.kv_dim,
-        )
-
-    def build(self, shape: ModelShape, word_embeddings: nn.Embedding | None = None, tokenizer=None) -> "PrefixEncoder":
-        return PrefixEncoder(self, shape)
+__all__ = ["PrefixEncoder", "PrefixTuningConfig"]
 
 
 class PrefixEncoder(PromptAdapter):

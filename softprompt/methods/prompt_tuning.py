@@ -7,69 +7,15 @@ V learned embeddings go before the text's token embeddings; the frozen model rea
 
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from softprompt.methods.adapter import PromptAdapter, register
-from softprompt.methods.config import DEMO_SWEEP, DefaultLearningRate, ModelShape, PromptLearningConfig, coerce_enum
+from softprompt.methods.adapter import PromptAdapter
+from softprompt.methods.config import ModelShape, PromptTuningConfig, PromptTuningInit
 
-
-class PromptTuningInit(str, enum.Enum):
-    RANDOM = "RANDOM"  # N(0, 1), as peft
-    TEXT = "TEXT"  # the embeddings of a text's tokens, repeated or cut to V
-    SAMPLE_VOCAB = "SAMPLE_VOCAB"  # the embeddings of V random vocabulary tokens
-
-
-@register
-@dataclass(frozen=True)
-class PromptTuningConfig(PromptLearningConfig):
-    peft_type = "PROMPT_TUNING"
-    learning_rate = 3e-1
-
-    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = field(default=None, hash=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        init = coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
-        object.__setattr__(self, "prompt_tuning_init", init)
-        if init is PromptTuningInit.TEXT and not self.inference_mode:
-            if not self.prompt_tuning_init_text:
-                raise ValueError("prompt_tuning_init_text is required when prompt_tuning_init='TEXT'")
-        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
-            raise ValueError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} is not valid; it must be a dict")
-        if self.tokenizer_kwargs and init is not PromptTuningInit.TEXT:
-            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
-
-    @property
-    def variant(self) -> str:
-        return f"prompt tuning, {self.prompt_tuning_init.value} init"
-
-    def default_learning_rate(self) -> DefaultLearningRate:
-        rates = {PromptTuningInit.RANDOM: 3e-1, PromptTuningInit.TEXT: 3e-1, PromptTuningInit.SAMPLE_VOCAB: 3e-1}
-        return DefaultLearningRate(rates[self.prompt_tuning_init], self.variant, DEMO_SWEEP)
-
-    @classmethod
-    def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
-        """TEXT init: the tokenizer is the base model's, and with no num_virtual_tokens there is one virtual
-        token per token of the text (the seed's script)."""
-        kwargs = dict(keys)
-        if str(kwargs.get("prompt_tuning_init", "")).upper().endswith(PromptTuningInit.TEXT.value):
-            kwargs.setdefault("tokenizer_name_or_path", model)
-            text = kwargs.get("prompt_tuning_init_text")
-            if "num_virtual_tokens" not in kwargs and text and tokenizer is not None:
-                kwargs["num_virtual_tokens"] = len(tokenizer(text)["input_ids"])
-        return super().for_training(kwargs, model, tokenizer)
-
-    def build(self, shape: ModelShape, word_embeddings: nn.Embedding, tokenizer=None) -> "PromptEmbedding":
-        return PromptEmbedding(self, shape, word_embeddings, tokenizer)
+__all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit"]
 
 
 def _init_token_ids(config: PromptTuningConfig, vocab_size: int, tokenizer) -> torch.Tensor | None:

@@ -3,9 +3,9 @@
     params.py      SamplingParams: how a request picks tokens and when it stops
     sequence.py    Sequence: one request's state, incremental detokenizing, stop rules
     scheduler.py   Scheduler: who joins the running batch, which slot each sequence holds
-    kv.py          SlotStore / SlotCache: preallocated per-sequence keys and values
+    kv.py          SlotStore: preallocated per-sequence keys and values (seen through hf/slot_cache.py)
     graphs.py      DecodeGraphs: decoding steps replayed from CUDA graphs (opt-in)
-    sampler.py     greedy and per-row seeded sampling
+    sampler.py     greedy and per-row seeded sampling (generate's warpers)
     engine.py      Engine: prefill joiners, decode the batch, retire the finished
     async_engine.py  AsyncEngine: the engine on its own thread, requests as async streams
     registry.py    AdapterRegistry: adapters loaded and unloaded at run time, under a root

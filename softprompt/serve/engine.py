@@ -4,8 +4,8 @@ Each `step()`:
   1. the sequences already running decode one token each: one base-model forward over slots `0..B-1`
      through `SlotCache` (no re-arranging, no cache rebuilt: each row writes its new key in place),
      replayed from a CUDA graph when `cuda_graphs=True` (`graphs.py`);
-  2. sequences that arrived join: their prompts are prefilled together through `PeftModel.prepare`
-     (virtual tokens and prefixes laid out per row, as in training) and their keys are copied,
+  2. sequences that arrived join: their prompts are prefilled together (`core/decoding.py::prefill`, as
+     `generate` prefills: virtual tokens and prefixes laid out per row, as in training) and their keys are copied,
      padding dropped, into free slots of the `SlotStore`; each gets its first token;
   3. finished sequences leave, and the last slots move into their holes.
 
@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence as Seq
 
 import torch
 
-from softprompt.hf.cache import accepts, cache_kwarg, empty_cache, output_cache
+from softprompt.core.decoding import decode_step, prefill
+from softprompt.hf.slot_cache import SlotCache
 from softprompt.serve.graphs import DecodeGraphs
-from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.serve.kv import SlotStore
 from softprompt.serve.params import SamplingParams
 from softprompt.serve.sampler import select_tokens
 from softprompt.serve.scheduler import Scheduler
@@ -75,13 +76,10 @@ class Engine:
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         self.lock = threading.RLock()  # held for a whole step; adapter changes take it too
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self._position_ids = accepts(self.base, "position_ids")
-        self._logits_to_keep = accepts(self.base, "logits_to_keep")
-        self._cache_kwarg = cache_kwarg(self.base)
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "peak_batch": 0}
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.base, self.store, self._cache_kwarg, self._position_ids)
+            self.graphs = DecodeGraphs(self.base, self.store)
 
     # -- requests ---------------------------------------------------------------------------------
     def num_virtual_tokens(self, adapter: str | None) -> int:
@@ -226,19 +224,15 @@ class Engine:
             ids[i, L - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
             mask[i, L - len(s.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        arranged, cache = self.model.prepare(ids, mask, None, None, [s.adapter for s in seqs], frozen_cache=False)
-        kwargs = self.model.base_kwargs(arranged, cache if cache is not None else empty_cache(self.model.config))
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.base(**kwargs, use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        logits, cache, arranged = prefill(self.model, ids, mask, None, [s.adapter for s in seqs])
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
         if self.graphs is not None:  # graphs need the store at its full size, allocated once
             self.store.reserve(self.store.max_slots, self.store.max_length, layers)
         lengths = self.store.write_prefill(seqs[0].slot, layers, arranged.attention_mask)
         for seq, length in zip(seqs, lengths):
             seq.length = length
             seq.start(self.tokenizer, self.device)
-        self._append(seqs, *select_tokens(out.logits[:, -1], seqs))
+        self._append(seqs, *select_tokens(logits, seqs))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         B = len(seqs)
@@ -251,11 +245,7 @@ class Engine:
             columns = torch.tensor(lengths, device=self.device)  # (B,) where each row's new key goes
             tokens = torch.tensor(last, device=self.device)[:, None]  # (B, 1)
             mask = (torch.arange(width, device=self.device)[None, :] <= columns[:, None]).long()  # (B, width)
-            cache = SlotCache(self.store, B, columns, width)
-            kwargs = {"input_ids": tokens, "attention_mask": mask, self._cache_kwarg: cache}
-            if self._position_ids:
-                kwargs["position_ids"] = columns[:, None]
-            logits = self.base(**kwargs, use_cache=True).logits[:, -1]
+            logits, _ = decode_step(self.base, tokens, mask, SlotCache(self.store, B, columns, width), columns[:, None])
         for seq in seqs:
             seq.length += 1
         self._append(seqs, *select_tokens(logits, seqs))

@@ -19,8 +19,10 @@ import logging
 
 import torch
 
+from softprompt.core.decoding import decode_step
 from softprompt.hf.masks import capturable_masks
-from softprompt.serve.kv import SlotCache, SlotStore
+from softprompt.hf.slot_cache import SlotCache
+from softprompt.serve.kv import SlotStore
 
 log = logging.getLogger("softprompt.serve")
 
@@ -39,10 +41,9 @@ def widths(capacity: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, base, store: SlotStore, cache_kwarg: str, position_ids: bool, capture: bool = True):
+    def __init__(self, base, store: SlotStore, capture: bool = True):
         self.base, self.store = base, store
         self.capture = capture  # False: run the same padded full-capacity step eagerly (CPU tests of the logic)
-        self.cache_kwarg, self.position_ids = cache_kwarg, position_ids
         self.buckets = buckets(store.max_slots)
         self.widths = widths(store.max_length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -62,11 +63,8 @@ class DecodeGraphs:
     def _forward(self, bucket: int, width: int) -> torch.Tensor:
         columns = self.columns[:bucket]
         mask = (self.arange[None, :width] <= columns[:, None]).long()  # (bucket, width)
-        kwargs = {"input_ids": self.tokens[:bucket], "attention_mask": mask,
-                  self.cache_kwarg: SlotCache(self.store, bucket, columns, width)}
-        if self.position_ids:
-            kwargs["position_ids"] = columns[:, None]
-        return self.base(**kwargs, use_cache=True).logits[:, -1]
+        cache = SlotCache(self.store, bucket, columns, width)
+        return decode_step(self.base, self.tokens[:bucket], mask, cache, columns[:, None])[0]
 
     def _capture(self, bucket: int, width: int) -> None:
         side = torch.cuda.Stream()

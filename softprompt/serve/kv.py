@@ -3,9 +3,9 @@
 Per layer `(slots, kv_heads, capacity, head_dim)`. Slot `i` holds its sequence's keys left-aligned,
 `[prefix or virtual tokens][prompt][generated]` with no padding between them: a sequence's keys do not
 move while it decodes, and sequences join or leave without touching the others. A decoding step sees
-the store through `SlotCache`, a transformers `Cache` whose layers write each row's new key at that
-row's own column and hand the attention the block `[:batch, :, :width]`; columns past a row's length
-are masked out.
+the store through `SlotCache` (`hf/slot_cache.py`), a transformers `Cache` whose layers write each row's
+new key at that row's own column and hand the attention the block `[:batch, :, :width]`; columns past a
+row's length are masked out.
 
     slot 0: [P P P P p p p p g g]        P: prefix / virtual token, p: prompt, g: generated
     slot 1: [v v p p p g . . . .]        '.': masked (past this row's length)
@@ -14,7 +14,6 @@ are masked out.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 class SlotStore:
@@ -71,46 +70,3 @@ class SlotStore:
         for k, v in zip(self.keys, self.values):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's view of the store for a decoding step (one new token per row)."""
-
-    is_sliding = False
-    is_compileable = True  # tells transformers to build the mask without inspecting it (no host sync)
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, width: int):
-        super().__init__()
-        self.store_k, self.store_v = keys, values
-        self.rows, self.columns, self.width = rows, columns, width
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        assert key_states.shape[2] == 1, "SlotCache decodes one token per row"
-        B = key_states.shape[0]
-        self.store_k[self.rows, :, self.columns] = key_states[:, :, 0]  # (B, H, hd) at (row, column)
-        self.store_v[self.rows, :, self.columns] = value_states[:, :, 0]
-        self.keys = self.store_k[:B, :, : self.width]
-        self.values = self.store_v[:B, :, : self.width]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.width, 0
-
-    def get_seq_length(self) -> int:
-        return self.width - 1
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-class SlotCache(Cache):
-    """The store's first `batch` slots as a transformers `Cache`: row `i` writes its new key at `columns[i]`."""
-
-    def __init__(self, store: SlotStore, batch: int, columns: torch.Tensor, width: int):
-        rows = torch.arange(batch, device=columns.device)
-        layers = [SlotLayer(k, v, rows, columns, width) for k, v in zip(store.keys, store.values)]
-        super().__init__(layers=layers)

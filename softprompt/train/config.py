@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from softprompt.methods.adapter import methods
-from softprompt.methods.config import PromptLearningConfig, format_rate
+from softprompt.data.conversations import FORMATS, LOSS_ON
+from softprompt.data.registry import DataSource, resolve
+from softprompt.methods.config import PromptLearningConfig, format_rate, methods
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -74,6 +75,14 @@ class TrainConfig:
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
+    # Conversations (docs/TRAINING.md, Data): the format (auto: from the columns), whose tokens are learned,
+    # the column of turns (default: conversations / messages) and of the system text
+    format: str = "auto"
+    loss_on: str = "assistant"
+    messages_column: str | None = None
+    system_column: str | None = None  # default: a conversation file's `system` column; Alpaca rows: none
+    data_split: str = "train"  # the split of a hub dataset (hub:owner/name) or of a DatasetDict folder
+    dataset_registry: str | None = None  # a JSON file of name -> {path or hub, format, columns, split}
     # Packing (docs/TRAINING.md): the rows of one optimizer step (batch x accumulation) run as packed
     # micro-batches of at most pack_tokens slots; rows of at most pack_length slots (default: max_length plus
     # the prompt). packing=false keeps Trainer's padded micro-batches.
@@ -87,6 +96,9 @@ class TrainConfig:
     training: dict[str, Any] = field(default_factory=dict)
     # The method's config, built (and so checked) when the run config is read, before any model is loaded
     method_config: PromptLearningConfig = field(init=False, repr=False, compare=False)
+    # Where `data` and `eval_data` come from (a registry name resolved), also checked when the config is read
+    data_source: DataSource = field(init=False, repr=False, compare=False)
+    eval_source: DataSource | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,18 +126,28 @@ class TrainConfig:
                 or not 0 <= self.max_skipped_fraction <= 1:
             raise ValueError(f"max_skipped_fraction={self.max_skipped_fraction!r} is not valid; give a fraction in [0, 1]")
         if not self.data:
-            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or folder")
-        own = set(method_keys(self.method))
-        for key in self.peft:
-            if key not in own:
-                owners = [m for m in METHODS if key in method_keys(m)]
-                raise ValueError(
-                    f"{key} is a {' / '.join(owners)} option, but method={self.method!r}; "
-                    f"remove it or set method to {owners[0]!r}"
-                )
+            raise ValueError("data is required: a .json/.jsonl/.csv/.parquet file or folder (Alpaca rows or "
+                             "conversations), hub:owner/name, or a name in dataset_registry")
+        for name, allowed in (("format", FORMATS), ("loss_on", LOSS_ON)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; allowed values: {', '.join(allowed)}")
+        for name in ("messages_column", "system_column", "data_split", "dataset_registry"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}={value!r} is not valid; give a name")
+        object.__setattr__(self, "data_source", self._source(self.data))
+        object.__setattr__(self, "eval_source", self._source(self.eval_data) if self.eval_data else None)
+        _check_method_keys(self.method, self.peft)
         if "output_dir" not in self.training:
             raise ValueError("output_dir is required (TrainConfig.from_mapping sets a default)")
         object.__setattr__(self, "method_config", METHODS[self.method].for_training(self.peft, self.model))
+
+    def _source(self, data: str) -> DataSource:
+        defaults = {"instruction": "instruction", "input": "input", "output": "output", "messages": None,
+                    "system": None}
+        columns = {role: getattr(self, f"{role}_column") for role in defaults}
+        given = {role: name for role, name in columns.items() if name != defaults[role]}
+        return resolve(str(data), self.dataset_registry, self.format, given, self.data_split)
 
     # -- building ---------------------------------------------------------------------------------
     @classmethod
@@ -137,10 +159,9 @@ class TrainConfig:
         values["method"] = method
         peft = {k: _coerce(k, v, _type_of(METHODS[method], k))
                 for k, v in values.items() if k in ALL_METHOD_KEYS and k not in own}
-        # The method's own options first: they need neither a model nor transformers' TrainingArguments
-        mine_only = set(method_keys(method))
-        METHODS[method].for_training({k: v for k, v in peft.items() if k in mine_only},
-                                     str(values.get("model", cls.model)))
+        # The method's options first: they need neither a model nor transformers' TrainingArguments
+        _check_method_keys(method, peft)
+        METHODS[method].for_training(peft, str(values.get("model", cls.model)))
         unknown = [k for k in values if k not in own and k not in ALL_METHOD_KEYS and k not in training_keys()]
         if unknown:
             known = sorted(own) + ALL_METHOD_KEYS + training_keys()
@@ -154,8 +175,9 @@ class TrainConfig:
                 "TrainingArguments field"
             )
         if not values.get("data"):
-            raise ValueError("data is required: the path of an Alpaca-style .json/.jsonl/.csv/.parquet file or "
-                             "save_to_disk folder (in the YAML config or as --data PATH)")
+            raise ValueError("data is required: a .json/.jsonl/.csv/.parquet file or save_to_disk folder (Alpaca "
+                             "rows or conversations), hub:owner/name, or a name in dataset_registry (in the YAML "
+                             "config or as --data ...)")
         mine = {k: _coerce(k, v, _type_of(cls, k)) for k, v in values.items() if k in own}
         training = {k: _coerce(k, v, _type_of(_training_arguments(), k))
                     for k, v in values.items() if k in training_keys()}
@@ -216,6 +238,9 @@ class TrainConfig:
             if "dataloader_num_workers" not in self.training:
                 args["dataloader_num_workers"] = 2
                 args["dataloader_persistent_workers"] = True
+            # accelerate copies each batch to the GPU; blocking copies would wait for the previous step to finish
+            # (the loader pins its batches, so these copies overlap the GPU's work)
+            args["accelerator_config"] = {"non_blocking": True}
         if "use_cpu" not in self.training and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             # torchrun / accelerate launch on a CPU-only machine: Trainer runs data-parallel over gloo only
             # with use_cpu=True; without it every process trains alone on the whole data.
@@ -231,6 +256,17 @@ class TrainConfig:
         """The method's config, built again with the base model's tokenizer (prompt tuning's TEXT init counts
         the text's tokens: one virtual token per token when num_virtual_tokens is not given, as the seed)."""
         return METHODS[self.method].for_training(self.peft, self.model, tokenizer)
+
+
+def _check_method_keys(method: str, keys: dict[str, Any]) -> None:
+    """Refuse a key of another method, naming its method."""
+    own = set(method_keys(method))
+    for key in keys:
+        if key not in own:
+            owners = [m for m in METHODS if key in method_keys(m)]
+            raise ValueError(
+                f"{key} is a {' / '.join(owners)} option, but method={method!r}; remove it or set method to {owners[0]!r}"
+            )
 
 
 def _has_accelerator() -> bool:

@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from softprompt.core.model import get_peft_model
 from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
+from softprompt.data.registry import DataSource
 from softprompt.data.token_cache import tokenized_rows
 from softprompt.hf.backbone import compile_layers
 from softprompt.hf.trainer import StagedCheckpointTrainer
@@ -72,8 +73,8 @@ class SoftPromptTrainer(StagedCheckpointTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packs = inputs.get("packs")
-        if packs is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if packs is None:  # a padded batch: the LM head only where a label follows (the same loss, less work)
+            return super().compute_loss(model, {**inputs, "loss_only": True}, return_outputs, num_items_in_batch)
         loss = sum(model(**pack, num_items_in_batch=inputs["num_items"]).loss for pack in packs)
         return (loss, None) if return_outputs else loss
 
@@ -215,18 +216,23 @@ def load_data(config: TrainConfig, tokenizer):
 
     The tokenized rows are cached on disk (`token_cache.py`): a second run over the same file starts at once.
     """
-    columns = ColumnMap(config.instruction_column, config.input_column, config.output_column)
-    kwargs = dict(max_length=config.max_length, template=config.template, cache=config.cache_tokenized)
-    data, report = tokenized_rows(config.data, columns, tokenizer, **kwargs)
-    print(report.summary(), flush=True)
-    report.check_skipped(config.max_skipped_fraction)  # DataError (exit code 2) when too many rows are bad
+    def read(source: DataSource):
+        columns = ColumnMap(**source.columns)
+        data, report = tokenized_rows(source.location, columns, tokenizer, max_length=config.max_length,
+                                      template=config.template, cache=config.cache_tokenized, format=source.format,
+                                      loss_on=config.loss_on, split=source.split, subset=source.subset)
+        print(report.summary(), flush=True)
+        report.check_skipped(config.max_skipped_fraction)  # DataError (exit code 2) when too many rows are bad
+        return data, report
+
+    data, report = read(config.data_source)
     if not len(data):
         raise ValueError(f"{config.data}: no row is left to train on ({report.summary()})")
-    if config.eval_data:
-        val, eval_report = tokenized_rows(config.eval_data, columns, tokenizer, **kwargs)
-        print(eval_report.summary(), flush=True)
-        eval_report.check_skipped(config.max_skipped_fraction)
-        return data, (val if len(val) else None), load_rows(config.eval_data, columns)
+    if config.eval_source is not None:
+        source = config.eval_source
+        val, _ = read(source)
+        rows = load_rows(source.location, ColumnMap(**source.columns), source.format, source.split, source.subset)
+        return data, (val if len(val) else None), rows
     if config.val_size and len(data) > 1:
         seed = int(config.training.get("data_seed") or config.training.get("seed", 42))
         train_part, val = split(data, config.val_size, seed=seed)
@@ -248,9 +254,9 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     args = config.training_arguments(has_eval=val_data is not None, method_config=method_config)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
-    peft_model.loss_only = True  # the LM head only where a label follows: the same loss, less work
     if "prediction_loss_only" not in config.training:
-        args.prediction_loss_only = True  # eval reports loss; gathering partial logits would only cost memory
+        # eval reports loss; its logits are partial (compute_loss passes loss_only) and would only cost memory
+        args.prediction_loss_only = True
     if args.should_log:
         peft_model.print_trainable_parameters()
         print(config.learning_rate(method_config)[1], flush=True)
@@ -284,6 +290,8 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     collator = PackingCollator.for_model(model, tokenizer, config.max_length, config.pack_tokens)
     if config.pack_length:
         collator = dataclasses.replace(collator, row_length=config.pack_length)
+    if args.device.type == "cuda":  # few distinct shapes: each new one costs host time in cuBLAS
+        collator = dataclasses.replace(collator, fixed_shapes=True, pad_multiple=16)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
     if args.should_log:
@@ -315,7 +323,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
     if args.should_save:
         # the rate the run used and why, beside its results (the YAML above has it as a comment)
         trainer.save_metrics("all", {**metrics, "learning_rate": rate, "learning_rate_choice": why})
-        if num_samples and trainer.eval_dataset is not None:
+        # With loss_on: all every token is labelled, so the labels no longer tell where a prompt ends.
+        if num_samples and trainer.eval_dataset is not None and config.loss_on == "assistant":
             samples = sample_answers(trainer.model, tokenizer, trainer.eval_dataset, num_samples, config.template)
             for prompt, reference, generated in samples:
                 print(f"--- prompt:\n{prompt}\n--- reference: {reference}\n--- generated: {generated}", flush=True)
@@ -324,13 +333,15 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
 
 
 def sample_answers(model, tokenizer, tokenized, n: int, template: str) -> list[tuple[str, str, str]]:
-    """Greedy answers to the first `n` validation prompts (recovered from their token ids)."""
+    """Greedy answers to the first `n` validation prompts (recovered from their token ids: up to the first
+    labelled token; the reference is that labelled run, a conversation's first assistant turn)."""
     rows = tokenized.select(range(min(n, len(tokenized))))
     prompts, references = [], []
     for ids, labels in zip(rows["input_ids"], rows["labels"]):
         cut = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        end = next((i for i in range(cut, len(labels)) if labels[i] == -100), len(labels))
         prompts.append(tokenizer.decode(ids[:cut], skip_special_tokens=False))
-        references.append(tokenizer.decode([t for t in labels[cut:] if t != -100], skip_special_tokens=True).strip())
+        references.append(tokenizer.decode(labels[cut:end], skip_special_tokens=True).strip())
     was_training = model.training
     model.eval()
     try:

@@ -1,4 +1,4 @@
-"""`loss_only`: the LM head runs only where a label follows; loss and gradients stay the same.
+"""`forward(loss_only=True)`: the LM head runs only where a label follows; loss and gradients stay the same.
 
 Checked against peft's full-logits loss for every family x variant, with masked prompts, right padding and
 `num_items_in_batch` (what Trainer passes under gradient accumulation).
@@ -18,9 +18,8 @@ def test_loss_only_keeps_loss_and_gradients(pair: Pair, num_items):
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     pair.peft.train()
     pair.ours.train()
-    pair.ours.loss_only = True
     out_p = pair.peft(**batch, **kwargs)
-    out_o = pair.ours(**batch, **kwargs)
+    out_o = pair.ours(**batch, **kwargs, loss_only=True)
     out_p.loss.backward()
     out_o.loss.backward()
     torch.testing.assert_close(out_o.loss, out_p.loss, atol=1e-5, rtol=1e-5)
@@ -28,3 +27,5 @@ def test_loss_only_keeps_loss_and_gradients(pair: Pair, num_items):
     theirs, ours = trainable(pair.peft), trainable(pair.ours)
     for name, p in ours.items():
         torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4)
+    full = pair.ours(**batch, **kwargs)  # the default: every position's logits, as peft
+    assert full.logits.shape == out_p.logits.shape

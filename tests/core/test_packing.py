@@ -37,8 +37,10 @@ def alone_loss(model, features: list[dict]) -> torch.Tensor:
     return total / count
 
 
-def packed_loss(model, features: list[dict], row_length: int = 16, token_budget: int = 16) -> torch.Tensor:
-    batch = PackingCollator(PromptWidths.of(model), row_length=row_length, token_budget=token_budget)(features)
+def packed_loss(model, features: list[dict], row_length: int = 16, token_budget: int = 16,
+                fixed_shapes: bool = False) -> torch.Tensor:
+    batch = PackingCollator(PromptWidths.of(model), row_length=row_length, token_budget=token_budget,
+                            fixed_shapes=fixed_shapes)(features)
     assert len(batch["packs"]) > 1  # several micro-batches, several segments a row: the hard case
     return sum(model(**pack, num_items_in_batch=batch["num_items"]).loss for pack in batch["packs"])
 
@@ -47,13 +49,13 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def assert_packed_equals_alone(model, features: list[dict], what: str) -> None:
+def assert_packed_equals_alone(model, features: list[dict], what: str, fixed_shapes: bool = False) -> None:
     """Loss and every trainable gradient of the packed rows equal those of each row run alone (1e-5)."""
     ref = alone_loss(model, features)
     ref.backward()
     ref_grads = grads(model)
     model.zero_grad()
-    loss = packed_loss(model, features)
+    loss = packed_loss(model, features, fixed_shapes=fixed_shapes)
     loss.backward()
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     got = grads(model)
@@ -87,9 +89,34 @@ def test_mixed_adapters_in_one_pack(family, tokenizer_dir):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # every adapter had rows
 
 
+@pytest.mark.parametrize("family", ["bloom", "llama"])
 @pytest.mark.parametrize("variant", ["prompt_random", "prefix_proj"])
-def test_packed_with_gradient_checkpointing(variant, tokenizer_dir):
-    base = make_base("llama")
+def test_fixed_shapes_change_nothing_computed(family, variant, tokenizer_dir):
+    """The GPU's stable shapes (rows as long as row_length, loss positions padded to 64) give the same loss and
+    gradients as the rows alone."""
+    torch.manual_seed(4)
+    model = build_ours(make_base(family), VARIANTS[variant], tokenizer_dir).train()
+    assert_packed_equals_alone(model, rows(), f"{family}/{variant}", fixed_shapes=True)
+
+
+def test_fixed_shapes_layout(tokenizer_dir):
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)  # 4 virtual tokens
+    features = [{"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}, {"input_ids": [21, 22], "labels": [21, 22]}]
+    batch = PackingCollator(PromptWidths.of(model), row_length=50, fixed_shapes=True)(features)
+    (pack,) = batch["packs"]
+    p = pack["packing"]
+    assert pack["input_ids"].shape == (1, 56)  # row_length, rounded up to a multiple of 8
+    assert p["loss_index"].shape == p["loss_targets"].shape == (64,)
+    assert (p["loss_targets"] != -100).sum() == 4 == batch["num_items"]  # the padding carries no target
+    assert p["loss_targets"][4:].eq(-100).all()
+    assert p["virtual_index"].tolist() == [0, 1, 2, 3, 7, 8, 9, 10]
+    assert p["virtual_rows"].tolist() == [0, 1, 2, 3] * 2
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+@pytest.mark.parametrize("variant", ["prompt_random", "prefix_proj"])
+def test_packed_with_gradient_checkpointing(family, variant, tokenizer_dir):
+    base = make_base(family)
     torch.manual_seed(3)
     model = build_ours(base, VARIANTS[variant], tokenizer_dir).train()
     features = rows()
@@ -228,3 +255,28 @@ def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
     llama.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation 'sdpa' or 'eager'.*packing=false"):
         check_packable(llama)
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama"])
+@pytest.mark.parametrize("variant", ["prompt_random", "prefix_proj"])
+def test_chunked_loss_equals_the_whole_logits(family, variant, tokenizer_dir, monkeypatch):
+    """Past HEAD_CHUNK_ELEMENTS logits the packed loss runs a few rows of logits at a time (gradients taken
+    in the forward): the same loss and gradients, and no logits kept."""
+    import softprompt.hf.backbone as backbone
+
+    torch.manual_seed(5)
+    model = build_ours(make_base(family), VARIANTS[variant], tokenizer_dir).train()
+    batch = PackingCollator(PromptWidths.of(model), row_length=64)(rows(lengths=(9, 12, 7, 11)))
+    (pack,) = batch["packs"]
+    out = model(**pack)
+    out.loss.backward()
+    ref_grads = grads(model)
+    assert out.logits is not None
+    model.zero_grad()
+    monkeypatch.setattr(backbone, "HEAD_CHUNK_ELEMENTS", 5 * VOCAB)  # chunks of 5 positions
+    chunked = model(**pack)
+    chunked.loss.backward()
+    assert chunked.logits is None
+    torch.testing.assert_close(chunked.loss, out.loss, atol=1e-6, rtol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)

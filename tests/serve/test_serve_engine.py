@@ -75,6 +75,23 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     assert reseeded[0].output_ids != solo
 
 
+@pytest.mark.parametrize("adapter", [*ADAPTERS, None])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 20, 0.9), (1.0, 0, 0.7), (1.3, 5, 1.0)])
+def test_engine_samples_what_generate_samples_for_the_same_seed(adapter, temperature, top_k, top_p):
+    """One sampler: the engine warps with generate's warpers (transformers'), and its per-row generator seeded
+    with `seed` draws what generate draws after `torch.manual_seed(seed)` (a batch of one)."""
+    model = tiny_peft("llama")
+    prompt, seed, n = [5, 6, 7, 8, 9], 11, 24
+    params = SamplingParams(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    served = Engine(model, max_num_seqs=4, eos_token_ids=[]).generate([prompt], params, adapter)[0].output_ids
+    torch.manual_seed(seed)
+    generated = model.generate(torch.tensor([prompt]), adapter_names=[adapter], max_new_tokens=n, do_sample=True,
+                               temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=None,
+                               pad_token_id=PAD)[0, len(prompt):].tolist()
+    assert served == generated
+    assert len(set(served)) > 3  # it sampled (greedy on this tiny model repeats a token or two)
+
+
 def test_stop_string_ends_the_text_and_streams_consistently():
     tok = tiny_tokenizer()
     model = tiny_peft("llama")

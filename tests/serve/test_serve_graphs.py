@@ -25,7 +25,7 @@ from softprompt.serve.graphs import DecodeGraphs, buckets, widths
 
 def graph_engine(model, **kwargs) -> Engine:
     engine = Engine(model, **kwargs)
-    engine.graphs = DecodeGraphs(engine.base, engine.store, engine._cache_kwarg, engine._position_ids, capture=False)
+    engine.graphs = DecodeGraphs(engine.base, engine.store, capture=False)
     return engine
 
 

@@ -14,6 +14,7 @@ from softprompt.methods.config import format_rate
 from softprompt.train.config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
 from softprompt.train.trainer import (
     SoftPromptTrainer,
+    build_trainer,
     check_checkpoint,
     last_checkpoint,
     plot_losses,
@@ -235,6 +236,18 @@ def test_packed_run_logs_the_losses_of_the_padded_run(workspace, method):
     for (_, a), (_, b) in zip(train_packed + eval_packed, train_padded + eval_padded, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     assert train_packed[0][1] != train_packed[-1][1]  # it trained
+
+
+def test_a_padded_batch_runs_the_lm_head_only_where_a_label_follows(workspace):
+    """The trainer asks the model for `loss_only` (nothing is set on the model): the same loss, fewer logits."""
+    config = TrainConfig.from_mapping(settings(workspace, "loss-only", packing=False, val_size=0))
+    trainer, _, _ = build_trainer(config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+    full = model(**batch)
+    torch.testing.assert_close(loss, full.loss, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1] < full.logits.shape[1] == batch["input_ids"].shape[1] + 10  # 10 virtual tokens
 
 
 def test_packing_keys_are_checked():
