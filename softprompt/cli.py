@@ -219,7 +219,7 @@ def demo_command(args: argparse.Namespace) -> int:
     result = demo.run(method=args.method, n_train=args.n_train, n_eval=args.n_eval, max_steps=args.max_steps,
                       batch_size=args.batch_size, num_virtual_tokens=args.num_virtual_tokens,
                       learning_rate=args.learning_rate, output_dir=args.output_dir, model=args.model, seed=args.seed,
-                      packing=not args.no_packing)
+                      packing=not args.no_packing, lang=args.lang)
     return 0 if result["after"] > result["before"] else 1
 
 

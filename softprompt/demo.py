@@ -1,6 +1,7 @@
 """`softprompt demo` (`make demo`): a soft prompt that visibly learns, offline, on a laptop-class CPU.
 
-    builtin:smollm2-135m + generated bilingual exact-match tasks (softprompt.demo_data)
+    builtin:smollm2-135m + generated bilingual exact-match tasks (softprompt.data.demo)
+    (`--lang zh`: the questions in Chinese only, on builtin:gemma3-270m, which reads Chinese)
         -> exact match on held-out rows, zero-shot
         -> train a prompt-tuning adapter with softprompt's Trainer path (a few hundred steps)
         -> exact match on the same rows again, and a few answers before / after
@@ -25,7 +26,11 @@ DEFAULTS = {
     "batch_size": 8,
     "num_virtual_tokens": 8,
     "learning_rate": None,  # softprompt's default for the method
+    "lang": "both",
 }
+# The questions' languages and the model each --lang trains by default
+LANG_CHOICES = {"both": (("en", "zh"), "builtin:smollm2-135m"), "en": (("en",), "builtin:smollm2-135m"),
+                "zh": (("zh",), "builtin:gemma3-270m")}
 
 
 def run(
@@ -37,12 +42,16 @@ def run(
     num_virtual_tokens: int = DEFAULTS["num_virtual_tokens"],
     learning_rate: float | None = DEFAULTS["learning_rate"],
     output_dir: str = "runs/demo",
-    model: str = "builtin:smollm2-135m",
+    model: str | None = None,
     seed: int = 0,
     show: int = 6,
     packing: bool = True,
+    lang: str = DEFAULTS["lang"],
 ) -> dict:
-    """Run the demo; returns {"before", "after", "seconds", "output_dir"} and prints the story."""
+    """Run the demo; returns {"before", "after", "seconds", "output_dir"} and prints the story.
+
+    `lang`: "both" (the default: questions in English and Chinese), "en" or "zh"; `model` defaults to the
+    language's built-in model (`LANG_CHOICES`)."""
     import torch  # here, not at the top: `softprompt --help` and `softprompt train` read this module's options
 
     from softprompt.data.rows import load_rows
@@ -52,11 +61,16 @@ def run(
     from softprompt.train.trainer import train
     from softprompt.train.config import TrainConfig, method_keys
 
+    if lang not in LANG_CHOICES:
+        raise ValueError(f"lang={lang!r} is not valid; allowed values: {', '.join(LANG_CHOICES)}")
+    langs, default_model = LANG_CHOICES[lang]
+    model = model or default_model
     start = time.time()
     out = Path(output_dir)
-    train_file, eval_file = write_demo_dataset(out / "data", n_train, n_eval, seed)
+    train_file, eval_file = write_demo_dataset(out / "data", n_train, n_eval, seed, langs=langs)
     eval_rows = load_rows(eval_file)
-    print(f"demo: {model}, {method}, {n_train} training rows, {n_eval} held-out rows ({out})", flush=True)
+    print(f"demo: {model}, {method}, {n_train} training rows, {n_eval} held-out rows, questions in "
+          f"{' and '.join(langs)} ({out})", flush=True)
 
     base, tokenizer = load_base(model)
     before = evaluate(base, tokenizer, eval_rows, loss=False)
@@ -110,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-virtual-tokens", type=int, default=DEFAULTS["num_virtual_tokens"])
     parser.add_argument("--learning-rate", type=float, default=None, help="default: softprompt's for the method")
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--model", help="default: builtin:smollm2-135m; with --lang zh builtin:gemma3-270m")
+    parser.add_argument("--lang", choices=list(LANG_CHOICES), default=DEFAULTS["lang"],
+                        help="the questions' language: both (default), en, or zh (Chinese, on builtin:gemma3-270m)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-packing", action="store_true", help="train on padded batches (to compare)")

@@ -35,6 +35,10 @@ def test_train_applies_overrides_on_the_yaml(workspace):
     assert saved["learning_rate"] == 1e-3 and saved["prompt_tuning_init"] == "TEXT"
     state = json.loads((workspace / "adapter" / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and (workspace / "adapter" / "checkpoint-6").is_dir()
+    results = json.loads((workspace / "adapter" / "all_results.json").read_text())
+    assert results["learning_rate"] == 1e-3  # the rate the run used, and why, in the run folder
+    assert results["learning_rate_choice"] == ("learning_rate 1e-3 (given; softprompt's default for prompt tuning, "
+                                               "TEXT init would be 3e-1)")
 
 
 def test_train_errors_are_clear(workspace, capsys):
@@ -236,3 +240,29 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "adapter" / "loss.png").is_file()
+    # no rate given: train printed the one it chose and why, and wrote it beside the adapter
+    why = ("learning_rate 1e-2 (softprompt's default for P-tuning, MLP encoder; rule: the best of a sweep on the "
+           "demo data with SmolLM2-135M (docs/TRAINING.md)); give --learning_rate to override")
+    assert why in out.splitlines()
+    results = json.loads((tmp_path / "demo" / "adapter" / "all_results.json").read_text())
+    assert results["learning_rate"] == 1e-2 and results["learning_rate_choice"] == why
+    run_config = (tmp_path / "demo" / "adapter" / "softprompt_train.yaml").read_text(encoding="utf-8")
+    assert run_config.startswith(f"# {why}\n") and "learning_rate" not in yaml.safe_load(run_config)
+
+
+def test_demo_in_chinese_trains_on_chinese_questions(tmp_path, capsys):
+    """`softprompt demo --lang zh`: the rows ask in Chinese only (the real run uses builtin:gemma3-270m)."""
+    from softprompt import demo
+    from softprompt.data.demo import make_demo_dataset
+
+    train_rows, eval_rows = make_demo_dataset(40, 12, seed=0, langs=("zh",))
+    make_tiny_lm(tmp_path / "model", row_texts(train_rows + eval_rows), vocab_size=500)
+    demo.run(model=str(tmp_path / "model"), n_train=40, n_eval=12, max_steps=2, batch_size=4,
+             output_dir=str(tmp_path / "demo"), show=1, lang="zh")
+    out = capsys.readouterr().out
+    assert "questions in zh" in out and "exact match, 12 held-out rows: before" in out
+    written = [json.loads(line) for line in (tmp_path / "demo" / "data" / "train.jsonl").read_text("utf-8").splitlines()]
+    assert written == train_rows
+    with pytest.raises(ValueError, match="lang='fr' is not valid"):
+        demo.run(model=str(tmp_path / "model"), lang="fr")
+    assert demo.LANG_CHOICES["zh"][1] == "builtin:gemma3-270m"

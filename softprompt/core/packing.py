@@ -83,8 +83,8 @@ class PackingCollator:
     def for_model(cls, model, tokenizer, longest_row: int, token_budget: int = 16384) -> "PackingCollator":
         """The collator for `model`'s adapters: checked that the base can run packed rows, rows long enough for
         a row of `longest_row` tokens plus the longest prompt, padding with the tokenizer's pad id."""
-        check_packable(model.base_model)
         widths = PromptWidths.of(model)
+        check_packable(model.base_model, longest_row + max(widths.virtual.values()) + max(widths.prefix.values()))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(widths, row_length=longest_row + max(widths.virtual.values()), token_budget=token_budget,
                    pad_token_id=pad)
@@ -157,6 +157,9 @@ class PackingCollator:
                 # predicts the first text token, the last text token predicts nothing.
                 targets[r, start + V - 1 if V else start:end - 1] = seg_labels[0 if V else 1:]
                 start = end
+        # the most slots a segment spans, its prefix included: a model with sliding-window layers checks it
+        segment_reach = max(self.widths.prefix[segments[i][2]] + self.widths.virtual[segments[i][2]]
+                            + len(segments[i][0]) for row in rows for i in row)
         flat = targets.view(-1)
         loss_index = (flat != IGNORE_INDEX).nonzero().view(-1)
         num_targets = int(loss_index.numel())
@@ -180,6 +183,7 @@ class PackingCollator:
                 "virtual_rows": virtual_slot.view(-1)[virtual_index],  # (M,): ... and their rows of the prompts
                 "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
                 "loss_targets": loss_targets,  # (N,): IGNORE_INDEX for padding
+                "longest": segment_reach,  # an int: checked without reading the device
             },
             "num_targets": num_targets,
         }
@@ -260,7 +264,8 @@ def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names
         packing["prefix_positions"], sliding_window(model.config),
     )
     hidden = packed_hidden_states(
-        model.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache
+        model.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache,
+        packing.get("longest"),
     )
     index, targets = packing["loss_index"], packing["loss_targets"]
     loss, logits = head_loss(model.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)

@@ -101,17 +101,20 @@ LANGS = ("en", "zh")
 
 
 def make_demo_dataset(
-    n_train: int, n_eval: int, seed: int = 0, tasks: list[str] | None = None
+    n_train: int, n_eval: int, seed: int = 0, tasks: list[str] | None = None, langs: tuple[str, ...] = LANGS
 ) -> tuple[list[dict], list[dict]]:
-    """Alpaca rows ({"instruction", "input", "output"}) for training and for eval.
+    """Alpaca rows ({"instruction", "input", "output"}) for training and for eval, asked in `langs`.
 
-    Tasks take turns, so every task is in both splits. Eval rows depend only on (n_eval, seed, tasks);
-    no eval item is in training, in either language, and no eval item is asked twice.
+    Tasks take turns, so every task is in both splits. Eval rows depend only on (n_eval, seed, tasks, langs);
+    no eval item is in training, in any language, and no eval item is asked twice.
     """
     names = list(TASKS) if tasks is None else list(tasks)
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise ValueError(f"tasks={tasks!r} is not valid; known tasks: {', '.join(TASKS)}")
+    langs = tuple(langs)
+    if not langs or any(lang not in LANGS for lang in langs):
+        raise ValueError(f"langs={langs!r} is not valid; give some of {', '.join(LANGS)}")
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train={n_train}, n_eval={n_eval}: both must be >= 0")
     rng = random.Random(seed)
@@ -123,8 +126,8 @@ def make_demo_dataset(
         n_eval_items = len(range(t, n_eval, len(names)))  # this task's turns in the round robin
         if n_eval_items >= len(items):
             raise ValueError(f"n_eval={n_eval} leaves no training items for task {name!r}; lower n_eval")
-        eval_pools.append([render(rng.choice(LANGS), it) for it in items[:n_eval_items]])
-        rows = [render(lang, it) for it in items[n_eval_items:] for lang in LANGS]
+        eval_pools.append([render(rng.choice(langs), it) for it in items[:n_eval_items]])
+        rows = [render(lang, it) for it in items[n_eval_items:] for lang in langs]
         rng.shuffle(rows)
         train_pools.append(rows)
     available = sum(len(p) for p in train_pools)
@@ -139,12 +142,13 @@ def _round_robin(pools: list[list[Row]], n: int) -> list[dict]:
     return [{"instruction": i, "input": x, "output": o} for i, x, o in itertools.islice(order, n)]
 
 
-def write_demo_dataset(folder: str | Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+def write_demo_dataset(folder: str | Path, n_train: int, n_eval: int, seed: int = 0,
+                       langs: tuple[str, ...] = LANGS) -> tuple[Path, Path]:
     """Write `train.jsonl` and `eval.jsonl` (UTF-8, Chinese unescaped) into `folder`; return their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in zip(("train", "eval"), make_demo_dataset(n_train, n_eval, seed)):
+    for name, rows in zip(("train", "eval"), make_demo_dataset(n_train, n_eval, seed, langs=langs)):
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         paths.append(path)

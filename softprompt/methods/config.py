@@ -89,6 +89,29 @@ class ModelShape:
         return cls(hidden, layers, heads, kv_heads, head_dim, first("vocab_size") or 0)
 
 
+@dataclass(frozen=True)
+class DefaultLearningRate:
+    """The learning rate a run takes when the user gives none, and why: which variant of the method it is for,
+    and the rule that gave it (a constant from a sweep, or a formula of what the run knows)."""
+
+    value: float
+    variant: str  # e.g. "prompt tuning, TEXT init"
+    rule: str
+
+    def __str__(self) -> str:
+        return (f"learning_rate {format_rate(self.value)} (softprompt's default for {self.variant}; rule: "
+                f"{self.rule}); give --learning_rate to override")
+
+
+def format_rate(value: float) -> str:
+    """3e-1, 1.5e-4: a learning rate as people write it."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+# The rule of today's constants (the lead replaces them from bench/sweep_lr.py's sweep on real rows)
+DEMO_SWEEP = "the best of a sweep on the demo data with SmolLM2-135M (docs/TRAINING.md)"
+
 DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
 
 
@@ -98,9 +121,9 @@ class PromptLearningConfig:
 
     peft_type: ClassVar[str] = ""
     # What the rest of softprompt asks of a method, declared here so that no one branches on its name:
-    # the learning rate a run uses when the user gives none (the best of a sweep on the demo data with
-    # SmolLM2-135M, AdamW, linear decay; docs/TRAINING.md; Trainer's 5e-5 barely moves a soft prompt), and
-    # whether the prompt lives in the word-embedding space (so that its nearest vocabulary tokens mean something).
+    # the learning rate a run uses when the user gives none (`default_learning_rate()`, per variant; Trainer's
+    # 5e-5 barely moves a soft prompt), and whether the prompt lives in the word-embedding space (so that its
+    # nearest vocabulary tokens mean something).
     learning_rate: ClassVar[float] = 1e-2
     prompt_in_vocabulary: ClassVar[bool] = True
 
@@ -154,8 +177,15 @@ class PromptLearningConfig:
         kwargs.setdefault("num_virtual_tokens", DEFAULT_NUM_VIRTUAL_TOKENS)
         return cls(base_model_name_or_path=model, **kwargs)
 
-    def default_learning_rate(self) -> float:
-        return self.learning_rate
+    @property
+    def variant(self) -> str:
+        """The method and the options that change how it learns, in words ("P-tuning, LSTM encoder")."""
+        return self.method_name().replace("_", " ")
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        """The rate for this variant when the user gives none. A method overrides it per variant; a rule may use
+        the config's own fields (num_virtual_tokens, and token_dim once resolved)."""
+        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PromptLearningConfig":
         """This config with the model-dependent fields filled from `shape` (peft's rules)."""
@@ -254,6 +284,14 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.tokenizer_kwargs and init is not PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it")
 
+    @property
+    def variant(self) -> str:
+        return f"prompt tuning, {self.prompt_tuning_init.value} init"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptTuningInit.RANDOM: 3e-1, PromptTuningInit.TEXT: 3e-1, PromptTuningInit.SAMPLE_VOCAB: 3e-1}
+        return DefaultLearningRate(rates[self.prompt_tuning_init], self.variant, DEMO_SWEEP)
+
     @classmethod
     def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
         """TEXT init: the tokenizer is the base model's, and with no num_virtual_tokens there is one virtual
@@ -302,6 +340,14 @@ class PromptEncoderConfig(PromptLearningConfig):
         ):
             raise ValueError(f"encoder_dropout={self.encoder_dropout!r} is not valid; it must be in [0, 1)")
 
+    @property
+    def variant(self) -> str:
+        return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        rates = {PromptEncoderReparameterizationType.MLP: 1e-2, PromptEncoderReparameterizationType.LSTM: 1e-2}
+        return DefaultLearningRate(rates[self.encoder_reparameterization_type], self.variant, DEMO_SWEEP)
+
     def resolve(self, shape: ModelShape) -> "PromptEncoderConfig":
         resolved = super().resolve(shape)
         return dataclasses.replace(resolved, encoder_hidden_size=self.encoder_hidden_size or resolved.token_dim)
@@ -332,8 +378,14 @@ class PrefixTuningConfig(PromptLearningConfig):
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed values: None, 'zero'")
 
-    def default_learning_rate(self) -> float:
-        return 1e-3 if self.prefix_projection else self.learning_rate  # the projection MLP needs a much smaller rate
+    @property
+    def variant(self) -> str:
+        return f"prefix tuning {'with' if self.prefix_projection else 'without'} projection"
+
+    def default_learning_rate(self) -> DefaultLearningRate:
+        if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
+            return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
+        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
         # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,

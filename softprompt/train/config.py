@@ -22,13 +22,13 @@ import yaml
 
 from softprompt.data.conversations import FORMATS, LOSS_ON
 from softprompt.data.registry import DataSource, resolve
-from softprompt.methods.config import PromptLearningConfig, methods
+from softprompt.methods.config import PromptLearningConfig, format_rate, methods
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 METHODS: dict[str, type[PromptLearningConfig]] = methods()  # prompt_tuning, p_tuning, prefix_tuning
-# Each method's learning rate when the user gives none (a method may refine it: prefix tuning's projection)
+# Each method's base learning rate; a run takes its variant's: `PromptLearningConfig.default_learning_rate()`
 DEFAULT_LEARNING_RATES = {name: cls.learning_rate for name, cls in METHODS.items()}
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the seed's P-Tuning and prefix scripts
 
@@ -209,14 +209,22 @@ class TrainConfig:
         return {**out, **self.peft, **self.training}
 
     # -- what the run uses ------------------------------------------------------------------------
-    @property
-    def learning_rate(self) -> float:
-        return float(self.training.get("learning_rate", self.method_config.default_learning_rate()))
+    def learning_rate(self, method_config: PromptLearningConfig | None = None) -> tuple[float, str]:
+        """The run's learning rate, and the line that says why (given, or the variant's default and its rule).
 
-    def training_arguments(self, has_eval: bool) -> TrainingArguments:
+        `method_config`: the method's config built with the tokenizer (`peft_config`), where a rule needs it.
+        """
+        default = (method_config or self.method_config).default_learning_rate()
+        if "learning_rate" not in self.training:
+            return default.value, str(default)
+        given = float(self.training["learning_rate"])
+        return given, (f"learning_rate {format_rate(given)} (given; softprompt's default for {default.variant} "
+                       f"would be {format_rate(default.value)})")
+
+    def training_arguments(self, has_eval: bool, method_config: PromptLearningConfig | None = None) -> TrainingArguments:
         """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them)."""
         args: dict[str, Any] = {
-            "learning_rate": self.method_config.default_learning_rate(),
+            "learning_rate": self.learning_rate(method_config)[0],
             "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
             "report_to": "none",
             "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step

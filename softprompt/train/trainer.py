@@ -302,22 +302,26 @@ def load_data(config: TrainConfig, tokenizer):
     return data, None, None
 
 
-def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None):
-    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`."""
+def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, base=None):
+    """(trainer, tokenizer, eval rows or None) for `config`, ready to `.train()`.
+
+    `base`: `(model, tokenizer)` already loaded for `config.model` (a sweep reuses one frozen base across runs;
+    training leaves its weights as they were); by default `load_base` loads it.
+    """
     seed = int(config.training.get("seed", 42))
     set_seed(seed)
-    model, tokenizer = load_base(config.model, dtype=base_dtype(config.base_dtype))
+    model, tokenizer = base if base is not None else load_base(config.model, dtype=base_dtype(config.base_dtype))
     train_data, val_data, eval_rows = load_data(config, tokenizer)
-    args = config.training_arguments(has_eval=val_data is not None)
+    method_config = config.peft_config(tokenizer)
+    args = config.training_arguments(has_eval=val_data is not None, method_config=method_config)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
-    peft_model = get_peft_model(model, config.peft_config(tokenizer), tokenizer=tokenizer)
+    peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
     if "prediction_loss_only" not in config.training:
         # eval reports loss; its logits are partial (compute_loss passes loss_only) and would only cost memory
         args.prediction_loss_only = True
     if args.should_log:
         peft_model.print_trainable_parameters()
-        if "learning_rate" not in config.training:
-            print(f"learning_rate={args.learning_rate:g} (softprompt's default for {config.method})", flush=True)
+        print(config.learning_rate(method_config)[1], flush=True)
     if config.compile != "false":
         skipped = compile_layers(model)
         if args.should_log:
@@ -364,10 +368,11 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
     args = trainer.args
     out = Path(args.output_dir)
     resume = resolve_resume(config.training.get("resume_from_checkpoint"), out)
+    rate, why = config.learning_rate(trainer.model.peft_config["default"])
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(config.to_mapping(), allow_unicode=True, sort_keys=False)
-        (out / RUN_CONFIG_NAME).write_text(text, encoding="utf-8")
+        (out / RUN_CONFIG_NAME).write_text(f"# {why}\n{text}", encoding="utf-8")
     if resume:
         print(f"resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -378,7 +383,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
     trainer.save_state()
     samples: list[tuple[str, str, str]] = []
     if args.should_save:
-        trainer.save_metrics("all", metrics)
+        # the rate the run used and why, beside its results (the YAML above has it as a comment)
+        trainer.save_metrics("all", {**metrics, "learning_rate": rate, "learning_rate_choice": why})
         # With loss_on: all every token is labelled, so the labels no longer tell where a prompt ends.
         if num_samples and trainer.eval_dataset is not None and config.loss_on == "assistant":
             samples = sample_answers(trainer.model, tokenizer, trainer.eval_dataset, num_samples, config.template)

@@ -10,7 +10,7 @@ import torch
 import softprompt
 from softprompt.core.packing import PackingCollator, PromptWidths, plan
 
-from conftest import FAMILIES, VARIANTS, VOCAB, build_ours, make_base
+from conftest import FAMILIES, VARIANTS, VOCAB, _common, build_ours, make_base
 
 LENGTHS = (5, 9, 3, 7, 6)
 
@@ -200,6 +200,47 @@ def test_compile_says_why_it_is_skipped_without_a_gpu(tokenizer_dir):
     assert compile_layers(model.base_model) == "no CUDA device (compiling pays on a GPU)"
 
 
+def gemma3(window: int):
+    """A tiny Gemma 3: a sliding-window layer (of `window` positions) and a full-attention layer."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        **_common(), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256, attn_implementation="sdpa",
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_equals_rows_alone_on_mixed_sliding_and_full_layers(variant, tokenizer_dir):
+    """Gemma 3 mixes sliding-window and full layers; with every segment (prompt included) inside the window, the one
+    packed mask is exact for both, also when a packed row is longer than the window."""
+    model = build_ours(gemma3(window=18), VARIANTS[variant], tokenizer_dir).train()  # longest: 9 text + 9 virtual
+    assert_packed_equals_alone(model, rows(), f"gemma3/{variant}")
+    model.zero_grad()
+    features = rows()
+    long_rows = PackingCollator(PromptWidths.of(model), row_length=48, token_budget=48)(features)
+    assert any(int((p["packing"]["segment_ids"] > 0).sum(-1).max()) > 18 for p in long_rows["packs"])
+    loss = sum(model(**p, num_items_in_batch=long_rows["num_items"]).loss for p in long_rows["packs"])
+    torch.testing.assert_close(loss, alone_loss(model, features), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_layers_refuse_rows_longer_than_the_window(tokenizer_dir):
+    model = build_ours(gemma3(window=8), VARIANTS["prompt_random"], tokenizer_dir)  # 4 virtual tokens
+    batch = PackingCollator(PromptWidths.of(model), row_length=16)(rows())  # a segment of 4 + 9 slots
+    with pytest.raises(ValueError, match=r"window 8.*rows of up to 13 slots.*lower max_length.*packing=false"):
+        model(**batch["packs"][0], num_items_in_batch=batch["num_items"])
+    with pytest.raises(ValueError, match=r"window 8.*rows of up to 12 slots"):
+        PackingCollator.for_model(model, _Tok(), longest_row=8)
+    PackingCollator.for_model(model, _Tok(), longest_row=4)  # 4 + 4 slots fit
+
+
+class _Tok:
+    pad_token_id = 0
+
+
 def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
     import transformers
 
@@ -208,7 +249,7 @@ def test_models_packing_cannot_run_are_refused_clearly(tokenizer_dir):
     config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
     gemma2 = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match="mixes sliding-window and full attention layers; train it with packing=false"):
+    with pytest.raises(ValueError, match="mixes sliding-window .window 4. and full-attention layers.*packing=false"):
         check_packable(gemma2)
     llama = make_base("llama")
     llama.config._attn_implementation = "flash_attention_2"

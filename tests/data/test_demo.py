@@ -132,3 +132,13 @@ def test_write_demo_dataset_round_trips(tmp_path):
             for p in (train_path, eval_path)]
     assert tuple(read) == make_demo_dataset(40, 12, seed=1)
     assert CJK.search(train_path.read_text(encoding="utf-8")), "Chinese should be written as text, not escapes"
+
+
+def test_chinese_only_rows_keep_eval_items_out_of_training():
+    train, evals = make_demo_dataset(240, 30, seed=0, langs=("zh",))
+    assert all(CJK.search(r["instruction"]) for r in train + evals)  # every question is asked in Chinese
+    assert not {item_key(r) for r in evals} & {item_key(r) for r in train}
+    assert {kind(r) for r in evals} == set(TASKS)
+    assert make_demo_dataset(240, 30, seed=0) == make_demo_dataset(240, 30, seed=0, langs=("en", "zh"))
+    with pytest.raises(ValueError, match="langs=.*'fr'.*give some of en, zh"):
+        make_demo_dataset(10, 6, langs=("fr",))

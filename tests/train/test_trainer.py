@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from softprompt.hf.trainer import STAGING_DIR
+from softprompt.methods.config import format_rate
 from softprompt.train.config import DEFAULT_LEARNING_RATES, TrainConfig, parse_overrides
 from softprompt.train.trainer import (
     STOP_FILE_NAME,
@@ -73,6 +74,31 @@ def test_default_learning_rates_per_method():
     assert projected.training_arguments(False).learning_rate == 1e-3
     given = TrainConfig.from_mapping({"data": "d", "learning_rate": 5e-5, "output_dir": "x"})
     assert given.training_arguments(False).learning_rate == 5e-5
+    assert given.learning_rate() == (5e-5, "learning_rate 5e-5 (given; softprompt's default for prompt tuning, "
+                                           "RANDOM init would be 3e-1)")
+
+
+@pytest.mark.parametrize("keys, variant", [
+    ({"method": "prompt_tuning"}, "prompt tuning, RANDOM init"),
+    ({"method": "prompt_tuning", "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Hi"}, "prompt tuning, TEXT init"),
+    ({"method": "prompt_tuning", "prompt_tuning_init": "SAMPLE_VOCAB"}, "prompt tuning, SAMPLE_VOCAB init"),
+    ({"method": "p_tuning"}, "P-tuning, MLP encoder"),
+    ({"method": "p_tuning", "encoder_reparameterization_type": "LSTM"}, "P-tuning, LSTM encoder"),
+    ({"method": "prefix_tuning"}, "prefix tuning without projection"),
+    ({"method": "prefix_tuning", "prefix_projection": True}, "prefix tuning with projection"),
+])
+def test_each_variant_has_its_default_rate_and_says_why(keys, variant):
+    config = TrainConfig.from_mapping({"data": "d", "output_dir": "x", **keys})
+    default = config.method_config.default_learning_rate()
+    assert default.variant == variant and default.rule
+    rate, why = config.learning_rate()
+    assert rate == default.value == config.training_arguments(False).learning_rate
+    assert why.startswith(f"learning_rate {format_rate(rate)} (softprompt's default for {variant}; rule: ")
+    assert why.endswith("); give --learning_rate to override")
+
+
+def test_format_rate():
+    assert [format_rate(r) for r in (3e-1, 1e-3, 5e-5, 1.5e-4, 2.0)] == ["3e-1", "1e-3", "5e-5", "1.5e-4", "2e0"]
     with_eval = TrainConfig.from_mapping({"data": "d", "save_steps": 7, "output_dir": "x"}).training_arguments(True)
     assert with_eval.eval_strategy.value == "steps" and with_eval.eval_steps == 7
 
