@@ -204,7 +204,8 @@ def tokenize(
 
     template="alpaca" is the seed's `process_func`, token for token: the prompt and `output + eos` are
     tokenized apart with the tokenizer's default special tokens, the prompt's labels are -100, and the
-    row is cut at max_length. template="chat" uses the tokenizer's chat template instead (the user says
+    row is cut at max_length. One difference: a tokenizer that starts every text with BOS (Gemma's, Llama's)
+    gets it once, at the row's start; the seed's function would put a learned BOS inside every row. template="chat" uses the tokenizer's chat template instead (the user says
     instruction + "\\n" + input; only the assistant's tokens are learned). A conversation is rendered turn by
     turn (`templates.conversation_texts`), each piece tokenized as the seed tokenizes its two, and a row
     of one user and one assistant turn gives the Alpaca row's tokens. loss_on="all" gives every token its label.
@@ -233,6 +234,7 @@ def tokenize(
                             "read files with load_rows(path, ColumnMap(...)) or rename the columns")
     # The chat template already holds its special tokens; the seed's template takes the tokenizer's default.
     special = {} if template == "alpaca" else {"add_special_tokens": False}
+    bos = tokenizer.bos_token_id if template == "alpaca" else None
 
     def pieces(batch: dict[str, list]) -> tuple[list[str | None], list[list[tuple[str, bool]]]]:
         """Each row's problem (None: good) and its (text, is_assistant) pieces ([] for a bad row)."""
@@ -266,8 +268,10 @@ def tokenize(
         input_ids, labels, truncated = [[]] * size, [[]] * size, [False] * size  # bad rows stay empty
         for i, row in enumerate(rows):
             row_ids, row_labels, first_learned = [], [], None
-            for _, assistant in row:
+            for k, (_, assistant) in enumerate(row):
                 part = next(ids)
+                if k and bos is not None and part[:1] == [bos]:
+                    part = part[1:]  # a tokenizer that starts every text with BOS (Gemma's, Llama's): once a row
                 if assistant and first_learned is None:
                     first_learned = len(row_ids)
                 row_ids += part

@@ -29,7 +29,7 @@ from softprompt.io.base_models import cache_root
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 3  # bump when load_rows() or tokenize() change what they produce (3: conversations, loss_on)
+FORMAT = 4  # bump when load_rows() or tokenize() change what they produce (3: conversations, loss_on; 4: one BOS a row)
 
 
 def tokenized_rows(path: str | Path, columns: ColumnMap, tokenizer, max_length: int, template: str,

@@ -93,6 +93,26 @@ def seed_process_func(tokenizer, example):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def seed_rows_one_bos(tokenizer, example):
+    """The seed's process_func but for softprompt's one difference: a tokenizer that starts every text with BOS
+    keeps it at the row's start only (the seed's would learn a BOS as the first token of every answer)."""
+    return seed_process_func(_NoBosResponse(tokenizer), example)
+
+
+class _NoBosResponse:
+    """`tokenizer` for the seed's function, dropping the leading BOS of its second call (the response)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_token, self.calls = tokenizer, tokenizer.eos_token, 0
+
+    def __call__(self, text):
+        out = dict(self.tokenizer(text))
+        self.calls += 1
+        if self.calls == 2 and out["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+            out = {k: v[1:] for k, v in out.items()}
+        return out
+
+
 def write_jsonl(path: Path, rows: list, opener=open) -> Path:
     with opener(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -224,7 +244,7 @@ def test_datasetdict_without_train_split(tmp_path):
 def test_alpaca_template_equals_the_seeds_process_func(demo, zh_tok):
     rows = load_rows(shared_file(demo)).select(range(400))
     data, report = tokenize(rows, zh_tok)
-    expected = [seed_process_func(zh_tok, row) for row in rows]
+    expected = [seed_rows_one_bos(zh_tok, row) for row in rows]
     cut_away = [i + 1 for i, row in enumerate(expected) if set(row["labels"]) == {-100}]
     kept = [row for i, row in enumerate(expected) if i + 1 not in cut_away]
     assert data.to_list() == kept  # token for token, in order
@@ -232,8 +252,11 @@ def test_alpaca_template_equals_the_seeds_process_func(demo, zh_tok):
     assert report.skipped == ({"response cut away by max_length=256": len(cut_away)} if cut_away else {})
     # Both paths are exercised: some rows are cut at 256, most are not.
     assert 0 < report.truncated < report.kept
-    full = [len(zh_tok(alpaca_prompt(r["instruction"], r["input"]))["input_ids"])
-            + len(zh_tok(r["output"] + "</s>")["input_ids"]) for r in rows]
+    full = []  # untruncated lengths, the response's leading BOS dropped
+    for r in rows:
+        response = zh_tok(r["output"] + "</s>")["input_ids"]
+        bos = response[:1] == [zh_tok.bos_token_id]
+        full.append(len(zh_tok(alpaca_prompt(r["instruction"], r["input"]))["input_ids"]) + len(response) - bos)
     assert report.truncated == sum(n > 256 for i, n in enumerate(full) if i + 1 not in cut_away)
 
 
@@ -243,7 +266,8 @@ def test_alpaca_template_on_one_row(tok):
     data, _ = tokenize(datasets.Dataset.from_list(EXPECTED[2:]), tok)
     row = data[0]
     prompt, response = tok("Human: Say hi.\n\nAssistant: ")["input_ids"], tok("Hi!</s>")["input_ids"]
-    assert prompt[0] == response[0] == tok.bos_token_id  # the seed's default special tokens, kept
+    assert prompt[0] == response[0] == tok.bos_token_id  # this tokenizer starts every text with BOS ...
+    response = response[1:]  # ... which a row keeps once, at its start: never a learned BOS inside a row
     assert row["input_ids"] == prompt + response
     assert row["labels"] == [-100] * len(prompt) + response
     assert row["attention_mask"] == [1] * len(prompt + response)
@@ -339,10 +363,11 @@ def test_long_rows_keep_their_start(tok):
     rows = datasets.Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": LONG}])
     data, report = tokenize(rows, tok, max_length=32)
     assert report.truncated == 1 and len(data[0]["input_ids"]) == 32
-    assert data[0]["input_ids"] == seed_process_func(tok, rows[0])["input_ids"][:32]
+    assert data[0]["input_ids"] == seed_rows_one_bos(tok, rows[0])["input_ids"][:32]
     prompt = len(tok(alpaca_prompt("Say hi.", ""))["input_ids"])
     data, report = tokenize(rows, tok, max_length=prompt + 1)  # one response token left: kept
-    assert report.kept == 1 and [t for t in data[0]["labels"] if t != -100] == tok(LONG)["input_ids"][:1]
+    first = [t for t in seed_rows_one_bos(tok, rows[0])["labels"] if t != -100][:1]  # the answer's first token
+    assert report.kept == 1 and [t for t in data[0]["labels"] if t != -100] == first != [tok.bos_token_id]
     _, report = tokenize(rows, tok, max_length=prompt)  # none left: skipped
     assert report.skipped == {f"response cut away by max_length={prompt}": 1}
 
