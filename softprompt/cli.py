@@ -162,7 +162,8 @@ def eval_command(
     batch_size: int, max_new_tokens: int | None, exact_match: bool, as_json: bool, show: int,
     generate: bool = False, predictions: str = "generated_predictions.jsonl", max_num_seqs: int = 64,
 ) -> int:
-    """Loss, perplexity and exact-match accuracy of an adapter (or the bare model) on an Alpaca file; with
+    """Loss, perplexity and exact-match accuracy of an adapter (or the bare model) on Alpaca rows or conversations
+    (the last assistant turn is the answer); with
     `generate`, also BLEU-4 and ROUGE-1/2/L of answers decoded by the serving engine, written to `predictions`."""
     from softprompt.data.rows import load_rows
     from softprompt.inference.evaluate import evaluate

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from softprompt.data.rows import make_collator, tokenize
-from softprompt.data.templates import prompt_text
+from softprompt.data.conversations import read_conversation
+from softprompt.data.templates import conversation_texts, prompt_text
 from softprompt.inference.metrics import generation_metrics
 
 
@@ -131,6 +132,26 @@ class EvalResult:
         return " ".join(parts)
 
 
+def prompts_and_references(tokenizer, template: str, rows) -> tuple[list[str], list[str]]:
+    """What is asked and what is expected, per row: an Alpaca row's prompt and output, or a conversation up to
+    its last assistant turn (rendered as in training) and that turn. Conversations that cannot train (see
+    `read_conversation`) or that do not end with the assistant are left out."""
+    if "messages" not in rows.column_names:
+        inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
+        prompts = [prompt_text(tokenizer, template, q, i or "") for q, i in zip(rows["instruction"], inputs)]
+        return prompts, [str(o) for o in rows["output"]]
+    systems = rows["system"] if "system" in rows.column_names else [None] * len(rows)
+    prompts, references = [], []
+    for turns, system in zip(rows["messages"], systems):
+        messages, problem = read_conversation(turns, system)
+        if problem is not None or messages[-1]["role"] != "assistant":
+            continue
+        pieces = conversation_texts(tokenizer, template, messages)
+        prompts.append("".join(text for text, _ in pieces[:-1]))
+        references.append(messages[-1]["content"])
+    return prompts, references
+
+
 def evaluate(
     model,
     tokenizer,
@@ -145,7 +166,8 @@ def evaluate(
     decode: Callable[[list[str], int], list[str]] | None = None,
 ) -> EvalResult:
     """Score `model` (a softprompt PeftModel, or a plain causal LM) on Alpaca rows (a `datasets.Dataset`
-    or a list of dicts with instruction / input / output). `generate=True` adds BLEU-4 and ROUGE-1/2/L
+    or a list of dicts with instruction / input / output) or conversations (`messages`: the last assistant turn
+    is the answer for exact match and BLEU/ROUGE; the loss is over every assistant turn). `generate=True` adds BLEU-4 and ROUGE-1/2/L
     of the greedy answers; `decode` replaces `generate_answers` (see the module docstring)."""
     import datasets
 
@@ -160,9 +182,7 @@ def evaluate(
             result.loss, result.tokens = mean_loss(model, tokenized, make_collator(tokenizer), batch_size)
             result.perplexity = math.exp(result.loss) if result.tokens else None
         if exact_match or generate:
-            inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
-            prompts = [prompt_text(tokenizer, template, q, i or "") for q, i in zip(rows["instruction"], inputs)]
-            references = [str(o) for o in rows["output"]]
+            prompts, references = prompts_and_references(tokenizer, template, rows)
             if max_new_tokens is None:  # room for the longest reference and a little more
                 longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=8)
                 max_new_tokens = longest + 8
