@@ -165,8 +165,8 @@ class PackingCollator:
         num_targets = int(loss_index.numel())
         if self.fixed_shapes:  # extra positions with an ignored target: they add nothing to the loss
             loss_index = torch.cat([loss_index, loss_index.new_zeros(_round_up(num_targets, 64) - num_targets)])
-        loss_targets = torch.cat([flat[loss_index[:num_targets]], flat.new_full((len(loss_index) - num_targets,),
-                                                                                IGNORE_INDEX)])
+        loss_targets = flat[loss_index]
+        loss_targets[num_targets:] = IGNORE_INDEX
         virtual_index = (virtual_slot.view(-1) >= 0).nonzero().view(-1)
         return {
             "input_ids": input_ids,

@@ -222,9 +222,8 @@ def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     gradient are ~1.7 GB held from the forward to the backward. Past `chunk_elements` logits the loss runs a
     chunk of rows at a time and each chunk's gradient is taken in the forward (the loss is a sum, so the
     backward only scales it): no (N, vocab) tensor outlives its chunk. The head's weights are frozen here."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // vocab)
     head = model.get_output_embeddings()
+    chunk = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // head.weight.shape[0])  # rows of vocab logits
     if hidden.shape[0] <= chunk or not (torch.is_grad_enabled() and hidden.requires_grad) or any(
         p.requires_grad for p in head.parameters()
     ):
