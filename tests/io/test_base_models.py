@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -109,6 +110,53 @@ def test_incomplete_folder_is_rebuilt(cache, monkeypatch):
     assert len(calls) == 1 and (path / "config.json").read_text() == "config.json"
 
 
+@pytest.mark.parametrize("marker", [None, {"format": 1}, "not json"])
+def test_a_folder_from_an_older_conversion_is_rebuilt(cache, monkeypatch, marker):
+    calls: list[Path] = []
+    monkeypatch.setattr(models, "builtin_gguf_path", lambda name: Path("/nonexistent.gguf"))
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert(calls))
+    old = cache / "smollm2-135m"
+    old.mkdir(parents=True)
+    for name in REQUIRED:
+        (old / name).write_text("old")
+    if marker is not None:
+        (old / models.MARKER).write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    path = builtin_model_path("smollm2-135m")
+    assert len(calls) == 1 and (path / "config.json").read_text() == "config.json"
+    written = json.loads((path / models.MARKER).read_text())
+    assert written["format"] == models.CONVERSION_FORMAT and written["transformers"]
+    builtin_model_path("smollm2-135m")
+    assert len(calls) == 1, "the rebuilt folder must be reused"
+
+
+def test_a_transformers_that_misreads_the_tokenizer_is_refused(cache, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(models, "_package_file", lambda *a: Path("/nonexistent"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must refuse before converting"))
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match=r"'builtin:gemma3-270m' needs transformers>=5\.18.*transformers 5\.17\.0.*"
+                                           r"pip install -U 'transformers>=5\.18'"):
+        builtin_model_path("builtin:gemma3-270m")
+    assert not cache.exists()
+
+
+def test_gguf_flags_are_read_from_the_metadata(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_bool("tokenizer.ggml.add_eos_token", False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert models._gguf_flag(path, "tokenizer.ggml.add_bos_token") is True
+    assert models._gguf_flag(path, "tokenizer.ggml.add_eos_token") is False
+    assert models._gguf_flag(path, "tokenizer.ggml.add_space_prefix") is None
+
+
 def test_losing_the_race_keeps_the_winners_folder(cache, monkeypatch):
     target = cache / "smollm2-135m"
 
@@ -117,6 +165,7 @@ def test_losing_the_race_keeps_the_winners_folder(cache, monkeypatch):
         target.mkdir()
         for name in REQUIRED:
             (target / name).write_text("winner")
+        (target / models.MARKER).write_text(json.dumps({"format": models.CONVERSION_FORMAT}))
 
     monkeypatch.setattr(models, "builtin_gguf_path", lambda name: Path("/nonexistent.gguf"))
     monkeypatch.setattr(models, "_convert_gguf", convert_while_another_process_wins)
@@ -187,6 +236,8 @@ def test_converted_folder_is_a_plain_model_folder(converted):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
     assert tokenizer.model_max_length == 8192
+    assert json.loads((converted / models.MARKER).read_text())["format"] == models.CONVERSION_FORMAT
+    assert tokenizer("Hello")["input_ids"][0] != tokenizer.bos_token_id, "SmolLM2's GGUF says: no BOS"
 
 
 @pytest.mark.slow
@@ -297,6 +348,8 @@ def test_gemma3_builtin_reads_chinese_and_packs_the_seeds_rows():
     model, tokenizer = load_base("builtin:gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.sliding_window == 512
     assert tokenizer.tokenize("今天天气很好。") == ["今天", "天气", "很好", "。"]  # whole words, not bytes
+    assert len(tokenizer.tokenize("Human: hello world\n\nAssistant: ")) == 8  # transformers 5.17 made 14 pieces
+    assert tokenizer("你好")["input_ids"][0] == tokenizer.bos_token_id, "Gemma's GGUF says: texts start with BOS"
     assert tokenizer.eos_token == "<eos>" and tokenizer.pad_token == "<pad>"
     check_packable(model, 256 + 20)  # the seed's max_length and 20 virtual tokens fit its window
     batch = tokenizer(["中国的首都是北京。", "The capital of France is Paris."], return_tensors="pt", padding=True)
