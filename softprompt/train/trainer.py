@@ -41,6 +41,7 @@ from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
 from softprompt.io.files import STOP_FILE_NAME, TRAINER_LOG_NAME
+from softprompt.methods.config import ModelShape
 from softprompt.train.config import TrainConfig, base_dtype
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,9 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     model, tokenizer = base if base is not None else load_base(config.model, dtype=base_dtype(config.base_dtype))
     train_data, val_data, eval_rows = load_data(config, tokenizer)
     method_config = config.peft_config(tokenizer)
-    args = config.training_arguments(has_eval=val_data is not None, method_config=method_config)
+    # a default rate may be a rule of the model's widths (P-tuning's MLP): ask a config sized for this model
+    sized = method_config.resolve(ModelShape.from_model_config(model.config))
+    args = config.training_arguments(has_eval=val_data is not None, method_config=sized)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
     if "prediction_loss_only" not in config.training:
@@ -321,7 +324,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         args.prediction_loss_only = True
     if args.should_log:
         peft_model.print_trainable_parameters()
-        print(config.learning_rate(method_config)[1], flush=True)
+        print(config.learning_rate(sized)[1], flush=True)
     if config.compile != "false":
         skipped = compile_layers(model)
         if args.should_log:

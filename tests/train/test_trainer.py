@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from softprompt.hf.trainer import STAGING_DIR
@@ -95,6 +96,31 @@ def test_each_variant_has_its_default_rate_and_says_why(keys, variant):
     assert rate == default.value == config.training_arguments(False).learning_rate
     assert why.startswith(f"learning_rate {format_rate(rate)} (softprompt's default for {variant}; rule: ")
     assert why.endswith("); give --learning_rate to override")
+
+
+def test_p_tuning_mlp_rate_is_a_rule_of_the_encoder_width():
+    from softprompt.methods.config import ModelShape, PromptEncoderConfig
+
+    def rate(**keys):
+        return PromptEncoderConfig(num_virtual_tokens=10, **keys).default_learning_rate()
+
+    assert rate(encoder_hidden_size=128).value == 1e-2  # the demo's encoder: the demo sweep's best
+    assert rate(token_dim=576).value == pytest.approx(1.28 / 576)  # 2.2e-3, SmolLM2's width
+    assert "1.28 / encoder width 576" in rate(token_dim=576).rule
+    assert rate(token_dim=2048, encoder_hidden_size=256).value == pytest.approx(5e-3)  # the encoder's own width
+    assert rate(encoder_reparameterization_type="LSTM", token_dim=576).value == 1e-2  # no rule for the LSTM
+    shape = ModelShape.from_model_config(transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2,
+                                                                  num_attention_heads=4, vocab_size=100))
+    assert PromptEncoderConfig(num_virtual_tokens=4).resolve(shape).default_learning_rate().value == 0.02
+
+
+def test_train_takes_the_rule_at_the_models_width(workspace, capsys):
+    """The tiny model is 32 wide: P-tuning's MLP default is 1.28 / 32 = 4e-2, printed and used."""
+    config = TrainConfig.from_mapping(settings(workspace, "rule", method="p_tuning", val_size=0))
+    trainer, _, _ = build_trainer(config)
+    assert trainer.args.learning_rate == pytest.approx(0.04)
+    assert "learning_rate 4e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1.28 / encoder width 32" \
+        in capsys.readouterr().out
 
 
 def test_format_rate():
