@@ -22,7 +22,9 @@ One process loads the base once and reuses it across its runs: the base is froze
 fingerprint of its weights and of its logits on one row is compared with the one taken before the first run
 (a change stops the sweep). `--jobs N` runs N such processes side by side, each on every N-th run. Each
 finished run appends one JSON line to `--out` at once, so a run cut short keeps what it finished, and a second
-call with the same `--out` skips the runs already there.
+call with the same `--out` skips the runs already there. `--seeds 0 1 2` runs each variant and rate once per seed
+(the adapter's initial weights and the row order): neighbouring rates often differ by less than one seed's noise,
+and the report averages the seeds.
 
     # CPU smoke test (minutes):
     python bench/sweep_lr.py --lang en --rows 16 --rates 1e-2 3e-1 --variants prompt_random ptune_mlp --out /tmp/s.jsonl
@@ -185,7 +187,7 @@ def softprompt_run(args, run: dict, base, data: dict, workdir: Path) -> dict:
         train_file.write_text(json.dumps(data["train"], ensure_ascii=False), encoding="utf-8")
     settings = {
         "model": run["model"], "data": str(train_file), "method": method, **keys, **SHAPE,
-        "learning_rate": run["rate"], "val_size": 0, "packing": True, "base_dtype": args.base_dtype,
+        "learning_rate": run["rate"], "seed": run.get("seed", SHAPE["seed"]), "val_size": 0, "packing": True, "base_dtype": args.base_dtype,
         "compile": args.compile, "cache_tokenized": False, "output_dir": str(workdir / f"run-{os.getpid()}"),
         "save_strategy": "no", "report_to": "none", "logging_steps": 10, "disable_tqdm": True,
         "dataloader_num_workers": 0, "use_cpu": args.device == "cpu",
@@ -226,11 +228,12 @@ def peft_run(args, run: dict, base, data: dict, workdir: Path) -> dict:
         config = peft.PromptEncoderConfig(num_virtual_tokens=10, encoder_reparameterization_type=peft.PromptEncoderReparameterizationType[keys["encoder_reparameterization_type"]], **kwargs)
     else:
         config = peft.PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=keys["prefix_projection"], **kwargs)
-    torch.manual_seed(SHAPE["seed"])
+    seed = run.get("seed", SHAPE["seed"])
+    torch.manual_seed(seed)
     model = peft.get_peft_model(model, config)
     train, _ = tokenize(datasets.Dataset.from_list(data["train"]), tokenizer, max_length=256)
     targs = TrainingArguments(
-        output_dir=str(workdir / f"peft-{os.getpid()}"), learning_rate=run["rate"], seed=SHAPE["seed"],
+        output_dir=str(workdir / f"peft-{os.getpid()}"), learning_rate=run["rate"], seed=seed,
         per_device_train_batch_size=1, gradient_accumulation_steps=8, num_train_epochs=1, save_strategy="no",
         report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=args.device == "cpu",
         bf16=args.base_dtype != "float32" and args.device != "cpu", remove_unused_columns=False,
@@ -310,7 +313,8 @@ def environment(args) -> dict:
 
 # -- the plan -----------------------------------------------------------------------------------------
 def key(row: dict) -> tuple:
-    return (row["lang"], row["model"], row["engine"], row["variant"], row.get("rate"), row.get("rows"))
+    return (row["lang"], row["model"], row["engine"], row["variant"], row.get("rate"), row.get("rows"),
+            row.get("seed", SHAPE["seed"]))
 
 
 def plan(args) -> list[dict]:
@@ -322,8 +326,8 @@ def plan(args) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     runs = [{"lang": args.lang, "model": model, "engine": "base", "variant": "base", "rate": None}]
-    runs += [{"lang": args.lang, "model": model, "engine": engine, "variant": v, "rate": r}
-             for v in variants for r in rates]
+    runs += [{"lang": args.lang, "model": model, "engine": engine, "variant": v, "rate": r, "seed": seed}
+             for seed in args.seeds for v in variants for r in rates]
     done = set()
     if Path(args.out).is_file():
         for line in Path(args.out).read_text(encoding="utf-8").splitlines():
@@ -345,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, help="train, validation and report rows each (smoke tests; default 400/200/200)")
     p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     p.add_argument("--extra_rates", type=float, nargs="*", help="rates added to --rates")
+    p.add_argument("--seeds", type=int, nargs="+", default=[SHAPE["seed"]],
+                   help="one run per seed for each variant and rate; the report averages them")
     p.add_argument("--variants", nargs="+", help=f"default: all ({', '.join(VARIANTS)}); with --peft the issue's five")
     p.add_argument("--peft", action="store_true", help="run peft (its Trainer path) instead of softprompt")
     p.add_argument("--init_text", help="TEXT init's text (default: the language's, see INIT_TEXT)")
@@ -384,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the report ---------------------------------------------------------------------------------------
+def averaged(cell: list[dict]) -> dict:
+    """One variant at one rate over its seeds: the mean losses of the runs that finished (an error if none did)."""
+    done = [r for r in cell if "error" not in r]
+    if not done:
+        return cell[0]
+    return {**done[0], **{k: sum(r[k] for r in done) / len(done) for k in ("validation_loss", "report_loss")}}
+
+
 def report(rows: list[dict]) -> str:
     """Per language and engine: report loss (validation loss) for each variant x rate; bold: the rate the
     validation loss picks for the variant."""
@@ -398,6 +412,9 @@ def report(rows: list[dict]) -> str:
         runs = [r for r in mine if r["engine"] == engine]
         rates = sorted({r["rate"] for r in runs})
         size = "400 / 200 / 200 rows" if n is None else f"{n} rows each"
+        seeds = sorted({r.get("seed", SHAPE["seed"]) for r in runs})
+        if len(seeds) > 1:
+            size += f", the mean of seeds {', '.join(map(str, seeds))}"
         out.append(f"**{engine}, {lang}, {model}** ({size}; cell: report loss (validation loss); bold: the rate with "
                    "the lowest validation loss)" + (f"; the base model: {base[0]['report_loss']:.3f} "
                                                      f"({base[0]['validation_loss']:.3f})" if base else ""))
@@ -405,7 +422,8 @@ def report(rows: list[dict]) -> str:
         out.append("| variant | " + " | ".join(format_rate(r) for r in rates) + " | chosen |")
         out.append("|---" * (len(rates) + 2) + "|")
         for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
-            cells = {r["rate"]: r for r in runs if r["variant"] == variant}
+            cells = {rate: averaged([r for r in runs if r["variant"] == variant and r["rate"] == rate])
+                     for rate in rates if any(r["variant"] == variant and r["rate"] == rate for r in runs)}
             ok = [r for r in cells.values() if "error" not in r and r["validation_loss"] == r["validation_loss"]]
             best = min(ok, key=lambda r: r["validation_loss"]) if ok else None
             line = []

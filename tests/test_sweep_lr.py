@@ -38,7 +38,7 @@ def args_for(out: Path, *extra: str):
     import argparse
 
     ns = argparse.Namespace(lang="en", model=None, rates=[1e-2, 3e-1], extra_rates=None, variants=None, peft=False,
-                            out=str(out), rows=16, jobs=1)
+                            out=str(out), rows=16, jobs=1, seeds=[0])
     for name, value in zip(extra[::2], extra[1::2]):
         setattr(ns, name, value)
     return ns
@@ -71,3 +71,16 @@ def test_report_marks_the_rate_chosen_on_validation_not_on_report_rows():
     assert "| prompt_random | **1.400 (1.500)** | 1.300 (1.600) | 1e-2: 1.400 |" in text
     assert "| ptune_mlp | **1.600 (1.700)** | error | 1e-2: 1.600 |" in text
     assert text.index("prompt_random") < text.index("ptune_mlp")
+
+
+def test_seeds_are_runs_of_their_own_and_the_report_averages_them(tmp_path):
+    out = tmp_path / "s.jsonl"
+    first = {**sweep.plan(args_for(out))[1], "rows": 16, "validation_loss": 1.0, "report_loss": 2.0}
+    first.pop("seed")  # rows written before seeds existed are seed 0
+    out.write_text(json.dumps(first) + "\n")
+    runs = sweep.plan(args_for(out, "seeds", [0, 1]))
+    assert len(runs) == 1 + 2 * 7 * 2 - 1 and {r["seed"] for r in runs[1:]} == {0, 1}
+    second = {**first, "seed": 1, "validation_loss": 3.0, "report_loss": 4.0}
+    failed = {**first, "seed": 2, "error": "nan"}
+    text = sweep.report([first, second, failed])
+    assert "the mean of seeds 0, 1, 2" in text and "**3.000 (2.000)**" in text  # the failed seed is left out
