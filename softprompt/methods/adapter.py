@@ -53,6 +53,8 @@ class PromptAdapter(nn.Module):
         """`compute()` outside any autocast: the encoders are small, and under bf16 autocast a Linear keeps a
         bf16 copy of its weight for the backward (prefix projection on a 2048-wide, 24-layer model: 411 MB)."""
         device = next(self.parameters()).device.type
+        if not torch.amp.is_autocast_available(device):  # no autocast there to leave
+            return self.compute()
         with torch.autocast(device_type=device, enabled=False):
             return self.compute()
 
