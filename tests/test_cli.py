@@ -241,8 +241,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "adapter" / "loss.png").is_file()
     # no rate given: train printed the one it chose and why, and wrote it beside the adapter
-    why = ("learning_rate 1e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1.28 / encoder width 128 "
-           "(rate x width held at the sweeps' best)); give --learning_rate to override")
+    why = ("learning_rate 1e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1e-2 x (128 / encoder width "
+           "128)^0.8, through the sweeps' best rates); give --learning_rate to override")
     assert why in out.splitlines()
     results = json.loads((tmp_path / "demo" / "adapter" / "all_results.json").read_text())
     assert results["learning_rate"] == 1e-2 and results["learning_rate_choice"] == why

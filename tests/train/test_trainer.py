@@ -105,22 +105,23 @@ def test_p_tuning_mlp_rate_is_a_rule_of_the_encoder_width():
         return PromptEncoderConfig(num_virtual_tokens=10, **keys).default_learning_rate()
 
     assert rate(encoder_hidden_size=128).value == 1e-2  # the demo's encoder: the demo sweep's best
-    assert rate(token_dim=576).value == pytest.approx(1.28 / 576)  # 2.2e-3, SmolLM2's width
-    assert "1.28 / encoder width 576" in rate(token_dim=576).rule
-    assert rate(token_dim=2048, encoder_hidden_size=256).value == pytest.approx(5e-3)  # the encoder's own width
+    assert rate(token_dim=576).value == pytest.approx(3e-3, rel=1e-3)  # SmolLM2's width: the Alpaca sweep's best
+    assert "1e-2 x (128 / encoder width 576)^0.8" in rate(token_dim=576).rule
+    assert rate(token_dim=2048, encoder_hidden_size=256).value == pytest.approx(1e-2 * 0.5 ** 0.8)  # its own width
     assert rate(encoder_reparameterization_type="LSTM", token_dim=576).value == 1e-2  # no rule for the LSTM
     shape = ModelShape.from_model_config(transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2,
                                                                   num_attention_heads=4, vocab_size=100))
-    assert PromptEncoderConfig(num_virtual_tokens=4).resolve(shape).default_learning_rate().value == 0.02
+    assert PromptEncoderConfig(num_virtual_tokens=4).resolve(shape).default_learning_rate().value == \
+        pytest.approx(1e-2 * 2 ** 0.8)
 
 
 def test_train_takes_the_rule_at_the_models_width(workspace, capsys):
-    """The tiny model is 32 wide: P-tuning's MLP default is 1.28 / 32 = 4e-2, printed and used."""
+    """The tiny model is 32 wide: P-tuning's MLP default is 1e-2 x 4^0.8 = 3.03e-2, printed and used."""
     config = TrainConfig.from_mapping(settings(workspace, "rule", method="p_tuning", val_size=0))
     trainer, _, _ = build_trainer(config)
-    assert trainer.args.learning_rate == pytest.approx(0.04)
-    assert "learning_rate 4e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1.28 / encoder width 32" \
-        in capsys.readouterr().out
+    assert trainer.args.learning_rate == pytest.approx(1e-2 * 4 ** 0.8)
+    assert ("learning_rate 3.03e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1e-2 x (128 / encoder "
+            "width 32)^0.8") in capsys.readouterr().out
 
 
 def test_format_rate():
