@@ -221,14 +221,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     # Whether texts start with BOS is a flag in the GGUF (Gemma: yes; SmolLM2: no) that transformers < 5.23
     # drops: Gemma without its BOS scores 5.7 nats instead of 2.7 on Chinese Alpaca responses.
-    add_bos = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token")
-    if add_bos is not None and tokenizer.bos_token_id is not None and _starts_with_bos(tokenizer) != add_bos:
+    add_bos = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token") if tokenizer.bos_token_id is not None else None
+    if add_bos is not None and _starts_with_bos(tokenizer) != add_bos:
         tokenizer.add_bos_token = add_bos
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     reread = AutoTokenizer.from_pretrained(out)
     if reread(_PROBE)["input_ids"] != tokenizer(_PROBE)["input_ids"] or (
-            add_bos is not None and tokenizer.bos_token_id is not None and _starts_with_bos(reread) != add_bos):
+            add_bos is not None and _starts_with_bos(reread) != add_bos):
         raise RuntimeError(
             f"the tokenizer converted from {gguf.name} does not read back as written with transformers "
             f"{transformers.__version__}; a newer transformers may convert it right: pip install -U transformers"
