@@ -86,6 +86,9 @@ class Meter(TrainerCallback):
         else:
             self.lengths.append(kwargs["attention_mask"].sum(dim=1))
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warm and self.t0 is None:
             sync()
@@ -111,9 +114,55 @@ def measure(trainer, model, cfg, warm: int) -> dict:
     lengths = torch.cat(meter.lengths).cpu()
     lengths = lengths[lengths > 0]
     rows, tokens = len(lengths), int(lengths.sum())
-    return {"steps_timed": meter.steps, "s_per_step": round(dt / meter.steps, 4), "rows": rows,
-            "real_tok_s": round(tokens / dt), "mfu": round(flops(lengths, cfg) / dt / PEAK, 4),
-            "epoch_min": round(ROWS / (rows / dt) / 60, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None}
+    row = {"steps_timed": meter.steps, "s_per_step": round(dt / meter.steps, 4), "rows": rows,
+           "real_tok_s": round(tokens / dt), "mfu": round(flops(lengths, cfg) / dt / PEAK, 4),
+           "epoch_min": round(ROWS / (rows / dt) / 60, 2), "train_wall_s": round(meter.t1 - meter.start, 1)}
+    if CUDA:  # a CUDA graph's working memory is reserved in its pool, not allocated: report both
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    graphs = getattr(model, "packed_graphs", None)
+    if graphs is not None:  # micro-batches that ran from a graph, and the shapes recorded
+        row["graph_replays"], row["graph_shapes"] = graphs.replays, len(graphs.graphs)
+    return row
+
+
+def check_graphs(method: str, folder: Path, data: str, work: Path, batches: int, yaml: str | None, batch: int) -> dict:
+    """Gradients of the trainable weights on `batches` real batches (each a step's packed micro-batches, their
+    shapes as they come), with CUDA graphs and without, on one model: the graphs record on the first pass and
+    replay on the second; the batches run again in another order, so that shapes alternate in the shared pool.
+    The eager pass twice gives the noise floor (atomics in the backward are not deterministic)."""
+    from softprompt.core.packed_graphs import PackedGraphs
+    from softprompt.train.trainer import _to_device
+
+    keys = {} if yaml else dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1)
+    trainer, model = softprompt_run(yaml, method, folder, data, work / f"check-{method}", 1, **keys)
+    model.train()
+    loader = iter(trainer.get_train_dataloader())
+    inputs = [next(loader) for _ in range(batches)]
+
+    def grads(i):
+        model.zero_grad(set_to_none=True)
+        with trainer.compute_loss_context_manager():
+            loss = sum(trainer.compute_loss(model, {**inputs[i], "packs": [_to_device(p, trainer.args.device)]})
+                       for p in inputs[i]["packs"])
+        loss.backward()
+        return float(loss), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
+    graphs = model.packed_graphs = PackedGraphs(model.base_model)
+    order = list(range(batches)) + list(reversed(range(batches)))
+    graphed = [grads(i) for i in order]
+    model.packed_graphs = None
+    eager = [grads(i) for i in range(batches)]
+    again = [grads(i) for i in range(batches)]
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    return {"batches": batches, "graph_shapes": len(graphs.graphs), "graph_replays": graphs.replays,
+            "micro_batches": [len(x["packs"]) for x in inputs],
+            "loss_eager": [round(e[0], 5) for e in eager], "loss_graphs": [round(g[0], 5) for g in graphed],
+            "grad_rel_diff_graphs": max(rel(graphed[k][1], eager[i][1]) for k, i in enumerate(order)),
+            "grad_rel_diff_eager_twice": max(rel(again[i][1], eager[i][1]) for i in range(batches))}
 
 
 def make_model_folder(shape: str, tokenizer: str, root: Path) -> Path:
@@ -134,7 +183,8 @@ def make_model_folder(shape: str, tokenizer: str, root: Path) -> Path:
 
 def softprompt_run(yaml: str | None, method: str, model: Path, data: str, out: Path, steps: int, **keys):
     overrides = dict(model=str(model), data=data, output_dir=str(out), max_steps=steps, save_strategy="no",
-                     val_size=0, logging_steps=1000, report_to="none", disable_tqdm=True, seed=0, **keys)
+                     val_size=0, logging_steps=1000, report_to="none", disable_tqdm=True, seed=0)
+    overrides.update(keys)
     if yaml is None:
         overrides.update(method=method, **METHODS[method])
     config = TrainConfig.load(REPO / "examples" / yaml if yaml else None, overrides)
@@ -181,6 +231,10 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of softprompt's layers, e.g. reduce-overhead")
+    ap.add_argument("--graphs", default="true", choices=["true", "false", "both"],
+                    help="softprompt's cuda_graphs: each softprompt run with graphs, without, or both")
+    ap.add_argument("--check-graphs", type=int, default=0, metavar="BATCHES",
+                    help="instead of timing: gradients on BATCHES batches with graphs and without, compared")
     args = ap.parse_args()
     if args.compile_mode:  # an experiment: every softprompt run below compiles with this mode
         import functools
@@ -208,6 +262,28 @@ def main() -> None:
                     plan.append((shape, m, "softprompt", f"bs{batch}-padded", {"packing": False}))
                 if "peft-best" in runs:
                     plan.append((shape, m, "peft", f"bs{batch}", {}))
+    if args.check_graphs:
+        for shape in args.shapes.split(","):
+            folder = make_model_folder(shape, args.tokenizer, Path(args.models))
+            for method in methods:
+                settings = ([(f"{method}.yaml", 1)] if "seed" in runs else []) + (
+                    [(None, int(args.batches.split(",")[0]))] if "best" in runs else [])
+                for yaml, batch in settings:  # --runs seed / best choose the settings checked
+                    row = {"shape": shape, "method": method, "check": "graphs", "setting": "seed" if yaml else f"bs{batch}"}
+                    try:
+                        row.update(check_graphs(method, folder, args.data, work, args.check_graphs, yaml, batch))
+                    except Exception:
+                        row["error"] = traceback.format_exc()[-1500:]
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                    (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))
+        plan = []
+    if args.graphs != "true":  # softprompt's runs without graphs, or with and without
+        expanded = []
+        for shape, method, lib, setting, extra in plan:
+            for graphs in (("true", "false") if args.graphs == "both" else ("false",)) if lib == "softprompt" else (None,):
+                expanded.append((shape, method, lib, setting, extra if graphs is None else {**extra, "cuda_graphs": graphs}))
+        plan = expanded
     for shape, method, lib, setting, extra in plan:
         row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}
         trainer = model = None
@@ -220,7 +296,7 @@ def main() -> None:
             warm = args.warm
             if lib == "softprompt" and setting == "seed":
                 steps, warm = warm + 3 * args.steps, warm + 10
-                trainer, model = softprompt_run(f"{method}.yaml", method, folder, args.data, out, steps)
+                trainer, model = softprompt_run(f"{method}.yaml", method, folder, args.data, out, steps, **extra)
             elif lib == "softprompt":
                 steps = warm + args.steps
                 bs_keys = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=1, **extra)

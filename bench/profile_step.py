@@ -45,6 +45,25 @@ class Profiler(TrainerCallback):
             self.prof.__exit__(None, None, None)
 
 
+class PythonProfiler(Profiler):
+    """The same steps under cProfile: host time by Python function (the profiler's own cost included)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warm:
+            import cProfile
+
+            sync()
+            self.prof = cProfile.Profile()
+            self.t0 = time.perf_counter()
+            self.prof.enable()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and self.wall is None and state.global_step == self.warm + self.steps:
+            self.prof.disable()
+            sync()
+            self.wall = (time.perf_counter() - self.t0) / self.steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -57,22 +76,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile", default="auto")
+    ap.add_argument("--cuda-graphs", default="auto")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="Python's profiler over the same steps instead: where the host's time goes, by function")
     args = ap.parse_args()
     folder = make_model_folder(args.shape, args.tokenizer, Path(args.models))
     out = Path("/tmp/profile-step")
     total = args.warm + args.steps
-    keys = {"compile": args.compile}
+    keys = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
     if args.seed_recipe:
         trainer, _ = softprompt_run(f"{args.method}.yaml", args.method, folder, args.data, out, total, **keys)
     else:
         keys.update(per_device_train_batch_size=args.batch, gradient_accumulation_steps=1)
         trainer, _ = softprompt_run(None, args.method, folder, args.data, out, total, **keys)
-    profiler = Profiler(args.warm, args.steps)
+    profiler = (PythonProfiler if args.cprofile else Profiler)(args.warm, args.steps)
     trainer.add_callback(profiler)
     trainer.train()
+    if args.cprofile:
+        import pstats
+
+        pstats.Stats(profiler.prof).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(profiler.prof).sort_stats("tottime").print_stats(25)
+        print(f"wall {1000 * profiler.wall:.1f} ms/step under cProfile")
+        return
     prof = profiler.prof
     sort = "self_cuda_time_total" if CUDA else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    if CUDA:  # and where the host's time goes, by operator
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events) if CUDA else 0
     print(f"wall {1000 * profiler.wall:.1f} ms/step; device busy {device_us / 1000 / args.steps:.1f} ms/step "

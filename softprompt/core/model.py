@@ -36,6 +36,8 @@ class PeftModel(AdapterBank, TrainerHooks, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules: list[str] = []
+    # CUDA graphs of the packed base for training (`packed_graphs.PackedGraphs`); None: the packed base runs eagerly
+    packed_graphs = None
 
     def __init__(self, model: nn.Module, peft_config: PromptLearningConfig, adapter_name: str = "default", tokenizer=None):
         self._wrap(model)

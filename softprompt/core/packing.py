@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from softprompt.hf.backbone import check_packable, head_loss, packed_hidden_states, packed_mask, sliding_window
-from softprompt.hf.cache import build_prefix_cache, reentrant_checkpointing, route_prefix_grad
+from softprompt.hf.backbone import check_packable, head_loss, packed_stack
+from softprompt.hf.cache import reentrant_checkpointing, route_prefix_grad
 
 IGNORE_INDEX = -100
 TASK_FIELD = "adapter_names"  # a row's adapter (multi-task data); rows without it use the default adapter
@@ -251,22 +251,19 @@ def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names
         inputs_embeds = inputs_embeds.reshape(R * T, D).index_copy(
             0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"])
         ).view(R, T, D)
-    cache = None
+    key_values = None
     kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
     if kvs:
-        kv = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
-        kv = kv[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
-        if kv.requires_grad and reentrant_checkpointing(model.base_model):
-            kv, inputs_embeds = route_prefix_grad(kv, inputs_embeds)
-        cache = build_prefix_cache(model.config, kv, frozen=True)
-    mask = packed_mask(
-        packing["segment_ids"], packing["position_ids"], packing["token_adapter"], packing["prefix_owner"],
-        packing["prefix_positions"], sliding_window(model.config),
-    )
-    hidden = packed_hidden_states(
-        model.base_model, inputs_embeds, mask, packing["position_ids"], packing["prefix_positions"], cache,
-        packing.get("longest"),
-    )
+        key_values = torch.cat(kvs, dim=3).to(dtype)  # (layers, 2, kv_heads, K, head_dim)
+        if key_values.requires_grad and reentrant_checkpointing(model.base_model):
+            key_values, inputs_embeds = route_prefix_grad(key_values, inputs_embeds)
+    check_packable(model.base_model, packing.get("longest"))
+    stack_inputs = (inputs_embeds, packing["segment_ids"], packing["position_ids"], packing["token_adapter"],
+                    packing["prefix_owner"], packing["prefix_positions"])
+    graphs = model.packed_graphs
+    hidden = graphs(*stack_inputs, key_values=key_values) if graphs is not None else None
+    if hidden is None:  # no graphs, or none for this micro-batch
+        hidden = packed_stack(model.base_model, *stack_inputs, key_values=key_values)
     index, targets = packing["loss_index"], packing["loss_targets"]
     loss, logits = head_loss(model.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
     num_items = kwargs.get("num_items_in_batch")

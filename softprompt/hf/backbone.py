@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from softprompt.hf.cache import accepts, cache_kwarg
+from softprompt.hf.cache import accepts, build_prefix_cache, cache_kwarg
 
 
 def _window_and_layers(config) -> tuple[int | None, bool]:
@@ -109,6 +109,28 @@ def check_packable(model: nn.Module, longest: int | None = None) -> None:
         )
 
 
+def packed_stack(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,  # (R, T, D)
+    segment_ids: torch.Tensor,  # (R, T)
+    position_ids: torch.Tensor,  # (R, T)
+    token_adapter: torch.Tensor,  # (R, T)
+    prefix_owner: torch.Tensor,  # (K,)
+    prefix_positions: torch.Tensor,  # (K,)
+    key_values: torch.Tensor | None = None,  # (layers, 2, kv_heads, K, head_dim): every adapter's prefix
+) -> torch.Tensor:
+    """The backbone's last hidden states `(R, T, D)` for the collator's packed layout: the mask, the prefix
+    cache, the layers and the final norm. Tensors in, a tensor out, and no host-device sync: a CUDA graph can
+    hold it whole (`core/packed_graphs.py`). `check_packable` is the caller's, once per batch."""
+    mask = packed_mask(segment_ids, position_ids, token_adapter, prefix_owner, prefix_positions,
+                       sliding_window(model.config))
+    cache = None
+    if key_values is not None:  # every packed row sees every prefix slot; the mask keeps its adapter's only
+        rows = key_values[:, :, None].expand(-1, -1, inputs_embeds.shape[0], -1, -1, -1)
+        cache = build_prefix_cache(model.config, rows, frozen=True)
+    return packed_hidden_states(model, inputs_embeds, mask, position_ids, prefix_positions, cache)
+
+
 def packed_hidden_states(
     model: nn.Module,
     inputs_embeds: torch.Tensor,  # (R, T, D)
@@ -116,12 +138,10 @@ def packed_hidden_states(
     position_ids: torch.Tensor,  # (R, T)
     prefix_positions: torch.Tensor,  # (K,)
     cache,
-    longest: int | None = None,  # slots of the longest segment (`check_packable`)
 ) -> torch.Tensor:
     """The backbone's last hidden states `(R, T, D)` (after its final norm) for packed rows."""
     if is_bloom(model):
         return _bloom_hidden_states(model.transformer, inputs_embeds, mask, position_ids, prefix_positions, cache)
-    check_packable(model, longest)
     backbone = model.base_model
     implementation = getattr(model.config, "_attn_implementation", "eager")
     kwargs = {"inputs_embeds": inputs_embeds, "use_cache": False}

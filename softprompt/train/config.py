@@ -89,9 +89,11 @@ class TrainConfig:
     packing: bool = True
     pack_tokens: int = 16384
     pack_length: int | None = None
-    base_dtype: str = "auto"
+    base_dtype: str = "auto"  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
     compile: str = "auto"  # torch.compile the base's layers: "auto" (on a GPU with triton), "true", "false"
-    cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run  # the frozen base: "auto" (bfloat16 on a GPU that has it, else float32), or a dtype
+    # CUDA graphs of the packed base's forward and backward (core/packed_graphs.py): "auto" (on a GPU), "true", "false"
+    cuda_graphs: str = "auto"
+    cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     # The method's config, built (and so checked) when the run config is read, before any model is loaded
@@ -116,10 +118,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid; give a positive number of tokens")
-        if isinstance(self.compile, bool):  # YAML reads `compile: true` as a truth value
-            object.__setattr__(self, "compile", str(self.compile).lower())
-        if self.compile not in ("auto", "true", "false"):
-            raise ValueError(f"compile={self.compile!r} is not valid; allowed values: auto, true, false")
+        for name in ("compile", "cuda_graphs"):
+            value = getattr(self, name)
+            if isinstance(value, bool):  # YAML reads `compile: true` as a truth value
+                object.__setattr__(self, name, value := str(value).lower())
+            if value not in ("auto", "true", "false"):
+                raise ValueError(f"{name}={value!r} is not valid; allowed values: auto, true, false")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype={self.base_dtype!r} is not valid; allowed values: {', '.join(BASE_DTYPES)}")
         if isinstance(self.max_skipped_fraction, bool) or not isinstance(self.max_skipped_fraction, (int, float)) \

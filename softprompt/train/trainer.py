@@ -32,6 +32,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from softprompt.core.model import get_peft_model
+from softprompt.core.packed_graphs import PackedGraphs
 from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
 from softprompt.data.registry import DataSource
@@ -332,6 +333,18 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
                 print("torch.compile: the base model's layers (compile=false to train eagerly)", flush=True)
             elif config.compile == "true":
                 print(f"torch.compile skipped: {skipped}", flush=True)
+    if config.packing and config.cuda_graphs != "false":
+        skipped = None if args.device.type == "cuda" else f"training runs on {args.device.type}, not CUDA"
+        if skipped is None and args.gradient_checkpointing:
+            skipped = "gradient checkpointing recomputes the layers during the backward"
+        if skipped is None:
+            peft_model.packed_graphs = PackedGraphs(model)
+        if args.should_log:
+            if skipped is None:
+                print("CUDA graphs: the base's packed forward and backward, one pair per micro-batch shape "
+                      "(cuda_graphs=false to launch its kernels one by one)", flush=True)
+            elif config.cuda_graphs == "true":
+                print(f"CUDA graphs skipped: {skipped}", flush=True)
     padded = make_collator(tokenizer)
     collator = packing_collator(config, args, peft_model, tokenizer) if config.packing else padded
     trainer = SoftPromptTrainer(

@@ -280,3 +280,73 @@ def test_chunked_loss_equals_the_whole_logits(family, variant, tokenizer_dir, mo
     torch.testing.assert_close(chunked.loss, out.loss, atol=1e-6, rtol=1e-6)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -- CUDA graphs of the packed stack (core/packed_graphs.py) ----------------------------------------
+def _stand_in_recorder(monkeypatch, recorded: list, fail: bool = False):
+    """`make_graphed_callables` replaced by one that records the sample shapes and returns the function itself
+    (a CPU has no CUDA graphs): what `PackedGraphs` decides, keys, copies and hands on is then testable here."""
+
+    def record(fn, samples, num_warmup_iters, pool):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append(tuple(tuple(s.shape) for s in samples))
+        assert all(not s.requires_grad or s.is_leaf for s in samples)  # samples detached from the step's graph
+        return fn
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+
+
+@pytest.mark.parametrize("variant", ["prompt_text", "prefix_proj"])
+def test_packed_graphs_record_once_per_shape_and_change_nothing_computed(variant, tokenizer_dir, monkeypatch):
+    from softprompt.core.packed_graphs import PackedGraphs
+
+    recorded: list = []
+    _stand_in_recorder(monkeypatch, recorded)
+    model = build_ours(make_base("llama"), VARIANTS[variant], tokenizer_dir).train()
+    ref = packed_loss(model, rows())
+    ref.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    model.packed_graphs = graphs = PackedGraphs(model.base_model, device_type="cpu")
+    loss = packed_loss(model, rows())
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=0, msg=name)
+    shapes, replays = len(recorded), graphs.replays
+    assert shapes >= 1 and replays >= 2  # several micro-batches, some of one shape
+    assert len(set(recorded)) == len(recorded)  # a shape is recorded once
+    packed_loss(model, rows()).backward()
+    assert len(recorded) == shapes and graphs.replays == 2 * replays  # the same shapes replay
+    with torch.no_grad():  # no gradient, no graph
+        packed_loss(model, rows())
+    assert graphs.replays == 2 * replays
+
+
+def test_packed_graphs_leave_large_micro_batches_and_failed_recordings_to_the_eager_stack(
+        tokenizer_dir, monkeypatch, caplog):
+    from softprompt.core.packed_graphs import PackedGraphs
+
+    recorded: list = []
+    _stand_in_recorder(monkeypatch, recorded)
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir).train()
+    ref = packed_loss(model, rows())
+    model.packed_graphs = graphs = PackedGraphs(model.base_model, max_slots=8, device_type="cpu")
+    assert graphs.applies(torch.zeros(1, 16, 4, requires_grad=True), None).startswith("more than 8 slots")
+    torch.testing.assert_close(packed_loss(model, rows()), ref)
+    assert recorded == [] and graphs.replays == 0
+    model.base_model.gradient_checkpointing_enable()
+    assert "gradient checkpointing" in PackedGraphs(model.base_model, device_type="cpu").applies(
+        torch.zeros(1, 4, 4, requires_grad=True), None)
+    model.base_model.gradient_checkpointing_disable()
+
+    _stand_in_recorder(monkeypatch, recorded, fail=True)
+    model.packed_graphs = graphs = PackedGraphs(model.base_model, device_type="cpu")
+    with caplog.at_level("WARNING", logger="softprompt.core.packed_graphs"):
+        torch.testing.assert_close(packed_loss(model, rows()), ref)
+        packed_loss(model, rows())
+    failed = [r for r in caplog.records if "recording the packed stack failed" in r.getMessage()]
+    assert len(failed) == len(graphs.graphs) >= 1  # once per shape, not once per step
+    assert graphs.replays == 0 and all(g is None for g in graphs.graphs.values())

@@ -312,6 +312,15 @@ def test_packing_keys_are_checked():
         TrainConfig.from_mapping({"data": "d.json", "base_dtype": "half"})
     c = TrainConfig.from_mapping({"data": "d.json", "packing": "false", "pack_length": "300"})
     assert c.packing is False and c.pack_length == 300
+    with pytest.raises(ValueError, match=r"cuda_graphs='maybe' is not valid; allowed values: auto, true, false"):
+        TrainConfig.from_mapping({"data": "d.json", "cuda_graphs": "maybe"})
+    assert TrainConfig.from_mapping({"data": "d.json", "cuda_graphs": False}).cuda_graphs == "false"  # YAML's false
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_say_why_they_are_skipped(workspace, capsys):
+    trainer, _, _ = build_trainer(TrainConfig.from_mapping(settings(workspace, "graphs", cuda_graphs="true", val_size=0)))
+    assert trainer.model.packed_graphs is None
+    assert "CUDA graphs skipped: training runs on cpu, not CUDA" in capsys.readouterr().out
 
 
 class _Planted:
