@@ -269,7 +269,8 @@ def main() -> None:
                 settings = ([(f"{method}.yaml", 1)] if "seed" in runs else []) + (
                     [(None, int(args.batches.split(",")[0]))] if "best" in runs else [])
                 for yaml, batch in settings:  # --runs seed / best choose the settings checked
-                    row = {"shape": shape, "method": method, "check": "graphs", "setting": "seed" if yaml else f"bs{batch}"}
+                    row = {"shape": shape, "method": method, "check": "graphs",
+                           "setting": "seed" if yaml else f"bs{batch}"}
                     try:
                         row.update(check_graphs(method, folder, args.data, work, args.check_graphs, yaml, batch))
                     except Exception:
@@ -281,8 +282,10 @@ def main() -> None:
     if args.graphs != "true":  # softprompt's runs without graphs, or with and without
         expanded = []
         for shape, method, lib, setting, extra in plan:
-            for graphs in (("true", "false") if args.graphs == "both" else ("false",)) if lib == "softprompt" else (None,):
-                expanded.append((shape, method, lib, setting, extra if graphs is None else {**extra, "cuda_graphs": graphs}))
+            choices = (("true", "false") if args.graphs == "both" else ("false",)) if lib == "softprompt" else (None,)
+            for graphs in choices:
+                keys = extra if graphs is None else {**extra, "cuda_graphs": graphs}
+                expanded.append((shape, method, lib, setting, keys))
         plan = expanded
     for shape, method, lib, setting, extra in plan:
         row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}

@@ -334,9 +334,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
             elif config.compile == "true":
                 print(f"torch.compile skipped: {skipped}", flush=True)
     if config.packing and config.cuda_graphs != "false":
-        skipped = None if args.device.type == "cuda" else f"training runs on {args.device.type}, not CUDA"
-        if skipped is None and args.gradient_checkpointing:
-            skipped = "gradient checkpointing recomputes the layers during the backward"
+        skipped = graphs_skipped(args)
         if skipped is None:
             peft_model.packed_graphs = PackedGraphs(model)
         if args.should_log:
@@ -357,6 +355,19 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     )
     trainer.eval_collator = padded if config.packing else None
     return trainer, tokenizer, eval_rows
+
+
+def graphs_skipped(args) -> str | None:
+    """Why a run with these TrainingArguments cannot replay CUDA graphs of its packed base; None when it can."""
+    if args.device.type != "cuda":
+        return f"training runs on {args.device.type}, not CUDA"
+    if args.gradient_checkpointing:
+        return "gradient checkpointing recomputes the layers during the backward"
+    launched_sharded = any(os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true")
+                           for kind in ("FSDP", "DEEPSPEED"))  # `accelerate launch` with such a config
+    if args.fsdp or args.deepspeed or launched_sharded:  # a replay would reuse the gathered weights of its recording
+        return "the base model is sharded (FSDP or DeepSpeed), its weights gathered anew at every forward"
+    return None
 
 
 def packing_collator(config: TrainConfig, args, model, tokenizer):

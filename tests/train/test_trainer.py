@@ -318,9 +318,24 @@ def test_packing_keys_are_checked():
 
 
 def test_cuda_graphs_asked_for_on_a_cpu_say_why_they_are_skipped(workspace, capsys):
-    trainer, _, _ = build_trainer(TrainConfig.from_mapping(settings(workspace, "graphs", cuda_graphs="true", val_size=0)))
+    config = TrainConfig.from_mapping(settings(workspace, "graphs", cuda_graphs="true", val_size=0))
+    trainer, _, _ = build_trainer(config)
     assert trainer.model.packed_graphs is None
     assert "CUDA graphs skipped: training runs on cpu, not CUDA" in capsys.readouterr().out
+
+
+def test_cuda_graphs_are_never_used_where_a_replay_would_be_wrong(monkeypatch):
+    from types import SimpleNamespace
+
+    from softprompt.train.trainer import graphs_skipped
+
+    gpu = dict(device=torch.device("cuda"), gradient_checkpointing=False, fsdp=[], deepspeed=None)
+    assert graphs_skipped(SimpleNamespace(**gpu)) is None
+    assert "recomputes" in graphs_skipped(SimpleNamespace(**{**gpu, "gradient_checkpointing": True}))
+    assert "sharded" in graphs_skipped(SimpleNamespace(**{**gpu, "fsdp": ["full_shard", "auto_wrap"]}))
+    assert "sharded" in graphs_skipped(SimpleNamespace(**{**gpu, "deepspeed": "ds_zero3.json"}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch` with an FSDP config
+    assert "sharded" in graphs_skipped(SimpleNamespace(**gpu))
 
 
 class _Planted:
