@@ -168,25 +168,39 @@ class PackingCollator:
         loss_targets = flat[loss_index]
         loss_targets[num_targets:] = IGNORE_INDEX
         virtual_index = (virtual_slot.view(-1) >= 0).nonzero().view(-1)
-        return {
+        tensors = _one_storage({
+            "segment_ids": segment_ids,  # (R, T): 1, 2, ... per segment of a row; 0 is padding
+            "position_ids": position_ids,  # (R, T): restart per segment, after the segment's prefix
+            "virtual_slot": virtual_slot,  # (R, T): row of the stacked virtual tokens, -1 for text
+            "token_adapter": token_adapter,  # (R, T): index into adapter_names, -1 for padding
+            "prefix_owner": torch.tensor(owner, dtype=torch.long),  # (K,): adapter of each prefix slot
+            "prefix_positions": torch.tensor(prefix_pos, dtype=torch.long),  # (K,)
+            "virtual_index": virtual_index,  # (M,): flat slots of virtual tokens ...
+            "virtual_rows": virtual_slot.view(-1)[virtual_index],  # (M,): ... and their rows of the prompts
+            "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
+            "loss_targets": loss_targets,  # (N,): IGNORE_INDEX for padding
             "input_ids": input_ids,
             "labels": labels,
+        })
+        return {
+            "input_ids": tensors.pop("input_ids"),
+            "labels": tensors.pop("labels"),
             "adapter_names": names,
-            "packing": {
-                "segment_ids": segment_ids,  # (R, T): 1, 2, ... per segment of a row; 0 is padding
-                "position_ids": position_ids,  # (R, T): restart per segment, after the segment's prefix
-                "virtual_slot": virtual_slot,  # (R, T): row of the stacked virtual tokens, -1 for text
-                "token_adapter": token_adapter,  # (R, T): index into adapter_names, -1 for padding
-                "prefix_owner": torch.tensor(owner, dtype=torch.long),  # (K,): adapter of each prefix slot
-                "prefix_positions": torch.tensor(prefix_pos, dtype=torch.long),  # (K,)
-                "virtual_index": virtual_index,  # (M,): flat slots of virtual tokens ...
-                "virtual_rows": virtual_slot.view(-1)[virtual_index],  # (M,): ... and their rows of the prompts
-                "loss_index": loss_index,  # (N,): flat slots whose logits carry a loss
-                "loss_targets": loss_targets,  # (N,): IGNORE_INDEX for padding
-                "longest": segment_reach,  # an int: checked without reading the device
-            },
+            "packing": {**tensors, "longest": segment_reach},  # longest: an int, checked without the device
             "num_targets": num_targets,
         }
+
+
+def _one_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors (all int64), as views of one storage. A loader worker hands each storage to the training
+    process through its own file descriptor and socket handshake; twelve a micro-batch cost the trainer's process
+    ~3x the time of one (`bench/loader_transfer.py`)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    views, start = {}, 0
+    for name, t in tensors.items():
+        views[name] = flat[start:start + t.numel()].view(t.shape)
+        start += t.numel()
+    return views
 
 
 def plan(sizes: Sequence[int], row_length: int, token_budget: int, pad_multiple: int = 8,

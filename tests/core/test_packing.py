@@ -350,3 +350,15 @@ def test_packed_graphs_leave_large_micro_batches_and_failed_recordings_to_the_ea
     failed = [r for r in caplog.records if "recording the packed stack failed" in r.getMessage()]
     assert len(failed) == len(graphs.graphs) >= 1  # once per shape, not once per step
     assert graphs.replays == 0 and all(g is None for g in graphs.graphs.values())
+
+
+def test_a_micro_batch_travels_as_one_storage(tokenizer_dir):
+    """A loader worker sends each storage through its own file descriptor: a micro-batch's tensors share one."""
+    model = build_ours(make_base("llama"), VARIANTS["prefix_proj"], tokenizer_dir)
+    batch = PackingCollator(PromptWidths.of(model), row_length=16, token_budget=16)(rows())
+    for pack in batch["packs"]:
+        tensors = [pack["input_ids"], pack["labels"]] + [v for v in pack["packing"].values() if torch.is_tensor(v)]
+        assert len(tensors) == 12
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        flat = pack["input_ids"].untyped_storage().nbytes() // 8
+        assert flat == sum(t.numel() for t in tensors)  # no room beyond the views
