@@ -38,7 +38,7 @@ def test_train_applies_overrides_on_the_yaml(workspace):
     results = json.loads((workspace / "adapter" / "all_results.json").read_text())
     assert results["learning_rate"] == 1e-3  # the rate the run used, and why, in the run folder
     assert results["learning_rate_choice"] == ("learning_rate 1e-3 (given; softprompt's default for prompt tuning, "
-                                               "TEXT init would be 3e-1)")
+                                               "TEXT init would be 3e-2)")
 
 
 def test_train_errors_are_clear(workspace, capsys):
