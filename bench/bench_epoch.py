@@ -94,12 +94,23 @@ class Meter(TrainerCallback):
             sync()
             if CUDA:
                 torch.cuda.reset_peak_memory_stats()
-            self.t0, self.on = time.perf_counter(), True
+            self.t0, self.on, self.compiles0 = time.perf_counter(), True, compiles()
+            self.mid_step = self.warm + (state.max_steps - self.warm) // 2
+        if self.on and state.global_step == self.mid_step:  # one sync halfway: is the second half faster?
+            sync()
+            self.t_mid, self.compiles_mid = time.perf_counter(), compiles()
 
     def on_train_end(self, args, state, control, **kwargs):
         sync()
         self.t1, self.on = time.perf_counter(), False
-        self.steps = state.global_step - self.warm
+        self.steps, self.compiles1 = state.global_step - self.warm, compiles()
+
+
+def compiles() -> int:
+    """Frames dynamo has compiled so far in this process (recompilations included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
 
 
 def measure(trainer, model, cfg, warm: int) -> dict:
@@ -116,7 +127,13 @@ def measure(trainer, model, cfg, warm: int) -> dict:
     rows, tokens = len(lengths), int(lengths.sum())
     row = {"steps_timed": meter.steps, "s_per_step": round(dt / meter.steps, 4), "rows": rows,
            "real_tok_s": round(tokens / dt), "mfu": round(flops(lengths, cfg) / dt / PEAK, 4),
-           "epoch_min": round(ROWS / (rows / dt) / 60, 2), "train_wall_s": round(meter.t1 - meter.start, 1)}
+           "epoch_min": round(ROWS / (rows / dt) / 60, 2), "train_wall_s": round(meter.t1 - meter.start, 1),
+           # compiles inside the timed steps (a recompile there is warm-up the timing caught), and the second
+           # half's seconds a step (steady state, if the first half paid for compiling)
+           "compiles_timed": meter.compiles1 - meter.compiles0}
+    if getattr(meter, "t_mid", None) is not None and meter.steps > 1:
+        row["s_per_step_2nd_half"] = round((meter.t1 - meter.t_mid) / (meter.warm + meter.steps - meter.mid_step), 4)
+        row["compiles_2nd_half"] = meter.compiles1 - meter.compiles_mid
     if CUDA:  # a CUDA graph's working memory is reserved in its pool, not allocated: report both
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)

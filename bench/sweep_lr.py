@@ -192,6 +192,8 @@ def softprompt_run(args, run: dict, base, data: dict, workdir: Path) -> dict:
         "save_strategy": "no", "report_to": "none", "logging_steps": 10, "disable_tqdm": True,
         "dataloader_num_workers": 0, "use_cpu": args.device == "cpu",
     }
+    if run.get("warmup"):
+        settings["warmup_steps"] = run["warmup"]  # a float below 1: that share of the steps (Trainer's rule)
     if args.base_dtype == "float32":
         settings["bf16"] = False  # no bf16 autocast either: the CPU's arithmetic
     trainer, tokenizer, _ = build_trainer(TrainConfig.from_mapping(settings), base=base[:2])
@@ -237,6 +239,7 @@ def peft_run(args, run: dict, base, data: dict, workdir: Path) -> dict:
         per_device_train_batch_size=1, gradient_accumulation_steps=8, num_train_epochs=1, save_strategy="no",
         report_to="none", logging_steps=10, disable_tqdm=True, use_cpu=args.device == "cpu",
         bf16=args.base_dtype != "float32" and args.device != "cpu", remove_unused_columns=False,
+        warmup_steps=run.get("warmup") or 0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=make_collator(tokenizer))
     result = trainer.train()
@@ -314,7 +317,7 @@ def environment(args) -> dict:
 # -- the plan -----------------------------------------------------------------------------------------
 def key(row: dict) -> tuple:
     return (row["lang"], row["model"], row["engine"], row["variant"], row.get("rate"), row.get("rows"),
-            row.get("seed", SHAPE["seed"]))
+            row.get("seed", SHAPE["seed"]), row.get("warmup"))
 
 
 def plan(args) -> list[dict]:
@@ -322,12 +325,15 @@ def plan(args) -> list[dict]:
     rates = sorted(set(args.rates) | set(args.extra_rates or ()))
     engine = "peft" if args.peft else "softprompt"
     variants = args.variants or (PEFT_VARIANTS if args.peft else list(VARIANTS))
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in [*variants, *dict(args.variant_rates or ())] if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     runs = [{"lang": args.lang, "model": model, "engine": "base", "variant": "base", "rate": None}]
-    runs += [{"lang": args.lang, "model": model, "engine": engine, "variant": v, "rate": r, "seed": seed}
-             for seed in args.seeds for v in variants for r in rates]
+    warmup = args.warmup
+    extra = {"warmup": warmup} if warmup else {}
+    own_rates = dict(args.variant_rates or ())
+    runs += [{"lang": args.lang, "model": model, "engine": engine, "variant": v, "rate": r, "seed": seed, **extra}
+             for seed in args.seeds for v in variants for r in own_rates.get(v, rates)]
     done = set()
     if Path(args.out).is_file():
         for line in Path(args.out).read_text(encoding="utf-8").splitlines():
@@ -341,6 +347,15 @@ def plan(args) -> list[dict]:
     return todo
 
 
+def variant_rates(text: str) -> tuple[str, list[float]]:
+    """`prefix=1e-2,3e-2` -> ("prefix", [0.01, 0.03])."""
+    variant, _, rates = text.partition("=")
+    try:
+        return variant, sorted(float(r) for r in rates.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT=RATE,RATE,... (for example prefix=1e-2,3e-2)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lang", choices=list(LANGS), default="en")
@@ -352,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[SHAPE["seed"]],
                    help="one run per seed for each variant and rate; the report averages them")
     p.add_argument("--variants", nargs="+", help=f"default: all ({', '.join(VARIANTS)}); with --peft the issue's five")
+    p.add_argument("--variant_rates", nargs="+", type=variant_rates, metavar="VARIANT=RATE,RATE",
+                   help="these rates instead of --rates for that variant (a narrower grid where a sweep has placed it)")
+    p.add_argument("--warmup", type=float,
+                   help="linear warm-up over this share of the steps (Trainer's warmup_steps below 1); default none")
     p.add_argument("--peft", action="store_true", help="run peft (its Trainer path) instead of softprompt")
     p.add_argument("--init_text", help="TEXT init's text (default: the language's, see INIT_TEXT)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -398,6 +417,11 @@ def averaged(cell: list[dict]) -> dict:
     return {**done[0], **{k: sum(r[k] for r in done) / len(done) for k in ("validation_loss", "report_loss")}}
 
 
+def label(row: dict) -> str:
+    """The variant, and its warm-up where the run had one."""
+    return row["variant"] + (f" (warm-up {row['warmup']:g})" if row.get("warmup") else "")
+
+
 def report(rows: list[dict]) -> str:
     """Per language and engine: report loss (validation loss) for each variant x rate; bold: the rate the
     validation loss picks for the variant."""
@@ -421,9 +445,10 @@ def report(rows: list[dict]) -> str:
         out.append("")
         out.append("| variant | " + " | ".join(format_rate(r) for r in rates) + " | chosen |")
         out.append("|---" * (len(rates) + 2) + "|")
-        for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
-            cells = {rate: averaged([r for r in runs if r["variant"] == variant and r["rate"] == rate])
-                     for rate in rates if any(r["variant"] == variant and r["rate"] == rate for r in runs)}
+        labels = sorted({label(r) for r in runs}, key=lambda v: (list(VARIANTS).index(v.split(" ")[0]), v))
+        for variant in labels:
+            cells = {rate: averaged([r for r in runs if label(r) == variant and r["rate"] == rate])
+                     for rate in rates if any(label(r) == variant and r["rate"] == rate for r in runs)}
             ok = [r for r in cells.values() if "error" not in r and r["validation_loss"] == r["validation_loss"]]
             best = min(ok, key=lambda r: r["validation_loss"]) if ok else None
             line = []

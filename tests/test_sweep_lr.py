@@ -38,7 +38,7 @@ def args_for(out: Path, *extra: str):
     import argparse
 
     ns = argparse.Namespace(lang="en", model=None, rates=[1e-2, 3e-1], extra_rates=None, variants=None, peft=False,
-                            out=str(out), rows=16, jobs=1, seeds=[0])
+                            out=str(out), rows=16, jobs=1, seeds=[0], variant_rates=None, warmup=None)
     for name, value in zip(extra[::2], extra[1::2]):
         setattr(ns, name, value)
     return ns
@@ -84,3 +84,20 @@ def test_seeds_are_runs_of_their_own_and_the_report_averages_them(tmp_path):
     failed = {**first, "seed": 2, "error": "nan"}
     text = sweep.report([first, second, failed])
     assert "the mean of seeds 0, 1, 2" in text and "**3.000 (2.000)**" in text  # the failed seed is left out
+
+
+def test_a_variant_may_have_its_own_rates_and_a_warm_up_is_a_run_of_its_own(tmp_path):
+    out = tmp_path / "s.jsonl"
+    own = [sweep.variant_rates("prefix=1e-1,3e-2")]
+    assert own == [("prefix", [0.03, 0.1])]
+    runs = sweep.plan(args_for(out, "variants", ["prefix", "ptune_mlp"], "variant_rates", own))
+    assert sorted((r["variant"], r["rate"]) for r in runs[1:]) == [
+        ("prefix", 0.03), ("prefix", 0.1), ("ptune_mlp", 1e-2), ("ptune_mlp", 3e-1)]
+    with pytest.raises(SystemExit, match="unknown variants"):
+        sweep.plan(args_for(out, "variant_rates", [("prefx", [1e-2])]))
+    plain = {**runs[1], "rows": 16, "validation_loss": 1.0, "report_loss": 1.0}
+    out.write_text(json.dumps(plain) + "\n")
+    warm = sweep.plan(args_for(out, "variants", ["prefix"], "variant_rates", own, "warmup", 0.1))
+    assert len(warm) == 1 + 2 and all(r["warmup"] == 0.1 for r in warm[1:])  # not skipped: a different run
+    text = sweep.report([plain, {**warm[1], "rows": 16, "validation_loss": 0.5, "report_loss": 0.6}])
+    assert "| prefix | **1.000 (1.000)** |" in text and "| prefix (warm-up 0.1) | **0.600 (0.500)** |" in text
