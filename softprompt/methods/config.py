@@ -60,6 +60,10 @@ class ModelShape:
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
+    # The root-mean-square of the word embeddings as the model reads them (Gemma scales its table by
+    # sqrt(hidden)); measured from the loaded weights (`train.trainer.embedding_rms`), None when not measured.
+    # A prompt initialised from the vocabulary starts at this scale, and its default rate is a rule of it.
+    embedding_rms: float | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -111,12 +115,24 @@ def format_rate(value: float) -> str:
 
 # Where the constants come from (docs/TRAINING.md has both sweeps)
 DEMO_SWEEP = "the best of a sweep on the demo data with SmolLM2-135M (docs/TRAINING.md)"
-ALPACA_SWEEP = "the best of bench/sweep_lr.py's sweep on English Alpaca rows with SmolLM2-135M (docs/TRAINING.md)"
+ALPACA_SWEEP = ("the best of bench/sweep_lr.py's sweeps on Alpaca rows, English with SmolLM2-135M and Chinese "
+                "with Gemma 3 270M (docs/TRAINING.md)")
 # P-tuning's MLP encoder: the best rate falls as the encoder widens (Adam moves each weight of a hidden layer by
 # about the rate, so the output moves more the wider the layer). A power law through both sweeps' best rates:
 # 1e-2 at width 128 (the demo) and 3e-3 at 576 (SmolLM2 on Alpaca rows, on the GPU and on the CPU).
 def mlp_encoder_rate(width: int) -> float:
     return 1e-2 * (128 / width) ** 0.8
+
+# Prompt tuning from the vocabulary (TEXT, SAMPLE_VOCAB init): the prompt starts as token embeddings, and Adam
+# moves each entry by about the rate a step, so what a rate does depends on the embeddings' scale: SmolLM2's are
+# 0.135 (RMS) and its best rate 3e-2; Gemma's, scaled by sqrt(640) as it reads them, 1.03 and 1e-1 to 3e-1.
+# The default keeps the step relative to that scale (docs/TRAINING.md has both sweeps).
+VOCAB_INIT_RATE_PER_RMS = 0.22
+
+
+def vocab_init_rate(rms: float) -> float:
+    return float(f"{VOCAB_INIT_RATE_PER_RMS * rms:.2g}")  # two digits: 3e-2, 2.3e-1
+
 
 DEFAULT_NUM_VIRTUAL_TOKENS = 10  # a training run's, when the user gives none (peft requires the field)
 
@@ -188,9 +204,9 @@ class PromptLearningConfig:
         """The method and the options that change how it learns, in words ("P-tuning, LSTM encoder")."""
         return self.method_name().replace("_", " ")
 
-    def default_learning_rate(self) -> DefaultLearningRate:
+    def default_learning_rate(self, shape: ModelShape | None = None) -> DefaultLearningRate:
         """The rate for this variant when the user gives none. A method overrides it per variant; a rule may use
-        the config's own fields (num_virtual_tokens, and token_dim once resolved)."""
+        the config's own fields (num_virtual_tokens, and token_dim once resolved) and the model's `shape`."""
         return DefaultLearningRate(self.learning_rate, self.variant, DEMO_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PromptLearningConfig":
@@ -294,13 +310,15 @@ class PromptTuningConfig(PromptLearningConfig):
     def variant(self) -> str:
         return f"prompt tuning, {self.prompt_tuning_init.value} init"
 
-    def default_learning_rate(self) -> DefaultLearningRate:
+    def default_learning_rate(self, shape: ModelShape | None = None) -> DefaultLearningRate:
         if self.prompt_tuning_init is PromptTuningInit.RANDOM:
-            return DefaultLearningRate(3e-1, self.variant, DEMO_SWEEP + ", and of the Alpaca sweep")
-        # Vocabulary-initialised prompts start as real tokens' embeddings; 3e-1 carries them off that start within
-        # a few steps. Both seeds of the Alpaca sweep preferred 3e-2, by 0.010-0.022 nats.
-        return DefaultLearningRate(3e-2, self.variant, ALPACA_SWEEP + ", two seeds; an init from the vocabulary "
-                                   "is already a prompt, and 3e-1 moves it off within a few steps")
+            return DefaultLearningRate(3e-1, self.variant, DEMO_SWEEP + ", and of both Alpaca sweeps")
+        rms = shape.embedding_rms if shape is not None else None
+        if rms is None:  # the model not loaded yet: SmolLM2's value
+            return DefaultLearningRate(3e-2, self.variant, f"{VOCAB_INIT_RATE_PER_RMS:g} x the RMS of the model's "
+                                       "word embeddings, not measured yet (3e-2 at SmolLM2's 0.135)")
+        return DefaultLearningRate(vocab_init_rate(rms), self.variant, f"{VOCAB_INIT_RATE_PER_RMS:g} x the RMS "
+                                   f"{rms:.3g} of the model's word embeddings, through both Alpaca sweeps' best rates")
 
     @classmethod
     def for_training(cls, keys: dict[str, Any], model: str, tokenizer=None) -> "PromptTuningConfig":
@@ -354,7 +372,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     def variant(self) -> str:
         return f"P-tuning, {self.encoder_reparameterization_type.value} encoder"
 
-    def default_learning_rate(self) -> DefaultLearningRate:
+    def default_learning_rate(self, shape: ModelShape | None = None) -> DefaultLearningRate:
         if self.encoder_reparameterization_type is PromptEncoderReparameterizationType.LSTM:
             return DefaultLearningRate(1e-2, self.variant, ALPACA_SWEEP + ", and of the demo sweep")
         width = self.encoder_hidden_size or self.token_dim
@@ -397,9 +415,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     def variant(self) -> str:
         return f"prefix tuning {'with' if self.prefix_projection else 'without'} projection"
 
-    def default_learning_rate(self) -> DefaultLearningRate:
-        if self.prefix_projection:  # the projection MLP diverged at 3e-3 in the demo sweep
-            return DefaultLearningRate(1e-3, self.variant, DEMO_SWEEP + "; the projection diverges at 3e-3")
+    def default_learning_rate(self, shape: ModelShape | None = None) -> DefaultLearningRate:
+        if self.prefix_projection:  # both sweeps, both seeds each; the demo trains at it with its 5% warm-up
+            return DefaultLearningRate(3e-3, self.variant, ALPACA_SWEEP + ", two seeds each; the English rows diverge at 3e-2")
         return DefaultLearningRate(self.learning_rate, self.variant, ALPACA_SWEEP)
 
     def resolve(self, shape: ModelShape) -> "PrefixTuningConfig":

@@ -22,7 +22,7 @@ import yaml
 
 from softprompt.data.conversations import FORMATS, LOSS_ON
 from softprompt.data.registry import DataSource, resolve
-from softprompt.methods.config import PromptLearningConfig, format_rate, methods
+from softprompt.methods.config import ModelShape, PromptLearningConfig, format_rate, methods
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -213,22 +213,25 @@ class TrainConfig:
         return {**out, **self.peft, **self.training}
 
     # -- what the run uses ------------------------------------------------------------------------
-    def learning_rate(self, method_config: PromptLearningConfig | None = None) -> tuple[float, str]:
+    def learning_rate(self, method_config: PromptLearningConfig | None = None,
+                      shape: ModelShape | None = None) -> tuple[float, str]:
         """The run's learning rate, and the line that says why (given, or the variant's default and its rule).
 
-        `method_config`: the method's config built with the tokenizer (`peft_config`), where a rule needs it.
+        `method_config`: the method's config built with the tokenizer (`peft_config`) and sized for the model;
+        `shape`: the loaded model's, embedding scale measured; where a rule needs them.
         """
-        default = (method_config or self.method_config).default_learning_rate()
+        default = (method_config or self.method_config).default_learning_rate(shape)
         if "learning_rate" not in self.training:
             return default.value, str(default)
         given = float(self.training["learning_rate"])
         return given, (f"learning_rate {format_rate(given)} (given; softprompt's default for {default.variant} "
                        f"would be {format_rate(default.value)})")
 
-    def training_arguments(self, has_eval: bool, method_config: PromptLearningConfig | None = None) -> TrainingArguments:
+    def training_arguments(self, has_eval: bool, method_config: PromptLearningConfig | None = None,
+                           shape: ModelShape | None = None) -> TrainingArguments:
         """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them)."""
         args: dict[str, Any] = {
-            "learning_rate": self.learning_rate(method_config)[0],
+            "learning_rate": self.learning_rate(method_config, shape)[0],
             "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
             "report_to": "none",
             "ddp_find_unused_parameters": False,  # every trainable parameter is used in every step

@@ -315,9 +315,12 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     model, tokenizer = base if base is not None else load_base(config.model, dtype=base_dtype(config.base_dtype))
     train_data, val_data, eval_rows = load_data(config, tokenizer)
     method_config = config.peft_config(tokenizer)
-    # a default rate may be a rule of the model's widths (P-tuning's MLP): ask a config sized for this model
-    sized = method_config.resolve(ModelShape.from_model_config(model.config))
-    args = config.training_arguments(has_eval=val_data is not None, method_config=sized)
+    # a default rate may be a rule of the model's widths (P-tuning's MLP) or of its embeddings' scale (prompt
+    # tuning from the vocabulary): ask a config sized for this model, with the measured shape
+    shape = dataclasses.replace(ModelShape.from_model_config(model.config), embedding_rms=embedding_rms(model))
+    sized = method_config.resolve(shape)
+    rate_choice = config.learning_rate(sized, shape)
+    args = config.training_arguments(has_eval=val_data is not None, method_config=sized, shape=shape)
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
     if "prediction_loss_only" not in config.training:
@@ -325,7 +328,7 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         args.prediction_loss_only = True
     if args.should_log:
         peft_model.print_trainable_parameters()
-        print(config.learning_rate(sized)[1], flush=True)
+        print(rate_choice[1], flush=True)
     if config.compile != "false":
         skipped = compile_layers(model)
         if args.should_log:
@@ -354,7 +357,22 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
         callbacks=[LossPlotCallback(), RunLogCallback(), *(callbacks or [])],
     )
     trainer.eval_collator = padded if config.packing else None
+    trainer.learning_rate_choice = rate_choice  # (rate, the line that says why): `train` records it
     return trainer, tokenizer, eval_rows
+
+
+def embedding_rms(model: torch.nn.Module, sample: int = 4096) -> float | None:
+    """The root-mean-square of the word embeddings as `model` reads them (its input-embedding module's output,
+    so Gemma's sqrt(hidden) scale counts), over `sample` token ids drawn with a fixed seed; None where the table
+    cannot be read here (weights sharded away, as under DeepSpeed ZeRO-3)."""
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.dim() != 2 or weight.numel() == 0 or weight.is_meta:
+        return None
+    ids = torch.randint(0, weight.shape[0], (sample,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = embeddings(ids.to(weight.device)).float()
+    return float(out.pow(2).mean().sqrt())
 
 
 def graphs_skipped(args) -> str | None:
@@ -395,7 +413,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None, n
     args = trainer.args
     out = Path(args.output_dir)
     resume = resolve_resume(config.training.get("resume_from_checkpoint"), out)
-    rate, why = config.learning_rate(trainer.model.peft_config["default"])
+    rate, why = trainer.learning_rate_choice
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(config.to_mapping(), allow_unicode=True, sort_keys=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_default_learning_rates_per_method():
         assert args.learning_rate == rate and rate > 1e-3  # far above Trainer's 5e-5
     projected = TrainConfig.from_mapping({"data": "d", "method": "prefix_tuning", "prefix_projection": True,
                                           "output_dir": "x"})
-    assert projected.training_arguments(False).learning_rate == 1e-3
+    assert projected.training_arguments(False).learning_rate == 3e-3
     given = TrainConfig.from_mapping({"data": "d", "learning_rate": 5e-5, "output_dir": "x"})
     assert given.training_arguments(False).learning_rate == 5e-5
     assert given.learning_rate() == (5e-5, "learning_rate 5e-5 (given; softprompt's default for prompt tuning, "
@@ -122,6 +123,50 @@ def test_train_takes_the_rule_at_the_models_width(workspace, capsys):
     assert trainer.args.learning_rate == pytest.approx(1e-2 * 4 ** 0.8)
     assert ("learning_rate 3.03e-2 (softprompt's default for P-tuning, MLP encoder; rule: 1e-2 x (128 / encoder "
             "width 32)^0.8") in capsys.readouterr().out
+
+
+def test_vocabulary_init_rate_is_a_rule_of_the_embeddings_scale():
+    """TEXT / SAMPLE_VOCAB init: 0.22 x the embeddings' RMS (SmolLM2's 0.135 -> 3e-2, Gemma's 1.03 -> 2.3e-1)."""
+    from softprompt.methods.config import ModelShape, PromptTuningConfig
+
+    shape = ModelShape(576, 30, 9, 3, 64, 49152)
+    text = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="Hi")
+    assert text.default_learning_rate(dataclasses.replace(shape, embedding_rms=0.135)).value == 3e-2
+    gemma = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB").default_learning_rate(
+        dataclasses.replace(shape, embedding_rms=1.031))
+    assert gemma.value == 2.3e-1 and "0.22 x the RMS 1.03 of the model's word embeddings" in gemma.rule
+    unmeasured = text.default_learning_rate(shape)
+    assert unmeasured.value == 3e-2 and "not measured yet" in unmeasured.rule
+    random = PromptTuningConfig(num_virtual_tokens=4).default_learning_rate(dataclasses.replace(shape, embedding_rms=9.0))
+    assert random.value == 3e-1  # a random prompt starts at N(0, 1) whatever the model
+
+
+def test_embedding_rms_reads_the_embeddings_as_the_model_does():
+    """Gemma multiplies its table by sqrt(hidden) in the embedding module: the RMS the prompt starts at counts it."""
+    from softprompt.train.trainer import embedding_rms
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with torch.no_grad():
+        llama.get_input_embeddings().weight.fill_(0.5)
+    assert embedding_rms(llama) == pytest.approx(0.5)
+    gemma = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8))
+    with torch.no_grad():
+        gemma.get_input_embeddings().weight.fill_(0.5)
+    assert embedding_rms(gemma) == pytest.approx(0.5 * 16 ** 0.5)
+
+
+def test_train_takes_the_vocabulary_init_rule_at_the_models_scale(workspace, capsys):
+    from softprompt.methods.config import vocab_init_rate
+    from softprompt.train.trainer import embedding_rms
+
+    config = TrainConfig.from_mapping(settings(workspace, "vocab-rule", prompt_tuning_init="SAMPLE_VOCAB", val_size=0))
+    trainer, _, _ = build_trainer(config)
+    rms = embedding_rms(trainer.model.base_model)
+    assert trainer.args.learning_rate == vocab_init_rate(rms) == trainer.learning_rate_choice[0]
+    assert f"rule: 0.22 x the RMS {rms:.3g} of the model's word embeddings" in capsys.readouterr().out
 
 
 def test_format_rate():
