@@ -248,6 +248,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of softprompt's layers, e.g. reduce-overhead")
+    ap.add_argument("--no-cudnn-sdp", action="store_true",
+                    help="an experiment: attention without cuDNN's kernels (its per-shape set-up cost the host "
+                         "0.8-0.9 ms a call in run 12's profile of bloom prefix tuning)")
     ap.add_argument("--graphs", default="true", choices=["true", "false", "both"],
                     help="softprompt's cuda_graphs: each softprompt run with graphs, without, or both")
     ap.add_argument("--check-graphs", type=int, default=0, metavar="BATCHES",
@@ -259,6 +262,8 @@ def main() -> None:
         import softprompt.train.trainer as sp_trainer
         sp_trainer.compile_layers = functools.partial(sp_trainer.compile_layers, mode=args.compile_mode)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out_root = Path(os.environ.get("OUT", "."))
     out_root.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/bench-epoch")
@@ -341,7 +346,7 @@ def main() -> None:
         if CUDA:
             torch.cuda.empty_cache()
     meta = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__}
+            "transformers": __import__("transformers").__version__, "cudnn_sdp": not args.no_cudnn_sdp}
     try:
         meta["peft"] = __import__("peft").__version__
     except ImportError:

@@ -79,7 +79,10 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", default="auto")
     ap.add_argument("--cprofile", action="store_true",
                     help="Python's profiler over the same steps instead: where the host's time goes, by function")
+    ap.add_argument("--no-cudnn-sdp", action="store_true", help="attention without cuDNN's kernels (an experiment)")
     args = ap.parse_args()
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     folder = make_model_folder(args.shape, args.tokenizer, Path(args.models))
     out = Path("/tmp/profile-step")
     total = args.warm + args.steps
