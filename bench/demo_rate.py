@@ -1,4 +1,7 @@
-"""The demo's training (`softprompt demo`'s settings and data) for any method and rate: exact match after training.
+"""The demo's training (`softprompt demo`'s data, steps, batch, warm-up) for any method and rate: exact match after.
+
+Unlike the demo, encoders keep the method's default width (the projection as wide as the keys and values), as
+`softprompt train` builds them: what is checked is the training default, not the demo's small 128-wide encoder.
 
 `make demo` trains P-tuning; this trains what the demo would train with another method, rate or warm-up, to check a
 default there (docs/TRAINING.md: prefix tuning with projection at 3e-3 against the demo sweep's divergence).
