@@ -248,9 +248,11 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of softprompt's layers, e.g. reduce-overhead")
-    ap.add_argument("--no-cudnn-sdp", action="store_true",
-                    help="an experiment: attention without cuDNN's kernels (its per-shape set-up cost the host "
-                         "0.8-0.9 ms a call in run 12's profile of bloom prefix tuning)")
+    ap.add_argument("--cudnn-sdp", default="true", choices=["true", "false", "both"],
+                    help="softprompt's runs with cuDNN's attention kernels allowed, without them, or both in turn "
+                         "(its per-shape set-up cost the host 0.8-0.9 ms a call in run 12's profile of bloom "
+                         "prefix tuning); peft's runs keep torch's default")
+    ap.add_argument("--no-cudnn-sdp", action="store_true", help="the same as --cudnn-sdp false")
     ap.add_argument("--graphs", default="true", choices=["true", "false", "both"],
                     help="softprompt's cuda_graphs: each softprompt run with graphs, without, or both")
     ap.add_argument("--check-graphs", type=int, default=0, metavar="BATCHES",
@@ -263,7 +265,8 @@ def main() -> None:
         sp_trainer.compile_layers = functools.partial(sp_trainer.compile_layers, mode=args.compile_mode)
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.no_cudnn_sdp:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        args.cudnn_sdp = "false"
+    cudnn_default = torch.backends.cuda.cudnn_sdp_enabled()
     out_root = Path(os.environ.get("OUT", "."))
     out_root.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/bench-epoch")
@@ -309,8 +312,21 @@ def main() -> None:
                 keys = extra if graphs is None else {**extra, "cuda_graphs": graphs}
                 expanded.append((shape, method, lib, setting, keys))
         plan = expanded
+    if args.cudnn_sdp != "true":  # softprompt's runs without cuDNN attention, or with and without in turn
+        choices = (True, False) if args.cudnn_sdp == "both" else (False,)
+        plan = [(shape, method, lib, setting, {**extra, "cudnn_sdp": c})
+                for shape, method, lib, setting, extra in plan for c in (choices if lib == "softprompt" else (None,))]
+    cudnn_now = cudnn_default
     for shape, method, lib, setting, extra in plan:
         row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}
+        extra = dict(extra)
+        cudnn = extra.pop("cudnn_sdp", None)
+        cudnn = cudnn_default if cudnn is None else cudnn
+        if cudnn != cudnn_now:  # compiled graphs keep the kernel chosen when they were traced: trace again
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            torch._dynamo.reset()
+            cudnn_now = cudnn
+        row["cudnn_sdp"] = cudnn
         trainer = model = None
         try:
             folder = make_model_folder(shape, args.tokenizer, Path(args.models))
@@ -346,7 +362,7 @@ def main() -> None:
         if CUDA:
             torch.cuda.empty_cache()
     meta = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "cudnn_sdp": not args.no_cudnn_sdp}
+            "transformers": __import__("transformers").__version__, "cudnn_sdp": args.cudnn_sdp}
     try:
         meta["peft"] = __import__("peft").__version__
     except ImportError:
