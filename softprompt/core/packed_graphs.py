@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 MAX_SLOTS = 4096
 
 
+def no_autocast_cache(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast as it is, without its weight cache, which a CUDA graph cannot record. The packed stack always
+    runs in this state (`core/packing.py`), graphed or not: torch.compile guards on it, and a layer traced in one
+    state is traced again in the other. The cache keeps casts of trainable weights; the frozen base has none, so
+    what is computed is the same."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
 class _GradOutOfPool(torch.autograd.Function):
     """Identity; its backward copies the gradient, which a graph's backward leaves in the shared pool."""
 
@@ -93,9 +103,9 @@ class PackedGraphs:
         args = (inputs_embeds, segment_ids, position_ids, token_adapter, prefix_owner, prefix_positions)
         if key_values is not None:
             args += (key_values,)
-        autocast = torch.is_autocast_enabled("cuda")
+        autocast = torch.is_autocast_enabled(self.device_type)
         key = (tuple((tuple(a.shape), a.dtype, a.requires_grad) for a in args), autocast,
-               torch.get_autocast_dtype("cuda") if autocast else None, self.base.training)
+               torch.get_autocast_dtype(self.device_type) if autocast else None, self.base.training)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_shapes:
                 return None
@@ -114,12 +124,8 @@ class PackedGraphs:
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # autocast's weight cache cannot be recorded; the base's weights are already in the compute dtype, so
-        # the cache holds nothing that matters (what is computed is the same)
-        no_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         try:
-            with no_cache:
+            with no_autocast_cache(self.device_type):
                 return torch.cuda.make_graphed_callables(stack, samples, num_warmup_iters=self.warmup,
                                                          pool=self.pool)
         except Exception as error:  # noqa: BLE001 - any failure: run this shape eagerly, say so once

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from softprompt.core.packed_graphs import no_autocast_cache
 from softprompt.hf.backbone import check_packable, head_loss, packed_stack
 from softprompt.hf.cache import reentrant_checkpointing, route_prefix_grad
 
@@ -275,9 +276,10 @@ def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names
     stack_inputs = (inputs_embeds, packing["segment_ids"], packing["position_ids"], packing["token_adapter"],
                     packing["prefix_owner"], packing["prefix_positions"])
     graphs = model.packed_graphs
-    hidden = graphs(*stack_inputs, key_values=key_values) if graphs is not None else None
-    if hidden is None:  # no graphs, or none for this micro-batch
-        hidden = packed_stack(model.base_model, *stack_inputs, key_values=key_values)
+    with no_autocast_cache(inputs_embeds.device.type):  # graphed or not, one state: layers compile once
+        hidden = graphs(*stack_inputs, key_values=key_values) if graphs is not None else None
+        if hidden is None:  # no graphs, or none for this micro-batch
+            hidden = packed_stack(model.base_model, *stack_inputs, key_values=key_values)
     index, targets = packing["loss_index"], packing["loss_targets"]
     loss, logits = head_loss(model.base_model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), targets)
     num_items = kwargs.get("num_items_in_batch")

@@ -285,13 +285,15 @@ def test_chunked_loss_equals_the_whole_logits(family, variant, tokenizer_dir, mo
 # -- CUDA graphs of the packed stack (core/packed_graphs.py) ----------------------------------------
 def _stand_in_recorder(monkeypatch, recorded: list, fail: bool = False):
     """`make_graphed_callables` replaced by one that records the sample shapes and returns the function itself
-    (a CPU has no CUDA graphs): what `PackedGraphs` decides, keys, copies and hands on is then testable here."""
+    (a CPU has no CUDA graphs): what `PackedGraphs` decides, keys, copies and hands on is then testable here.
+    Like the real one, it runs the function on the samples first, under the recording's autocast state."""
 
     def record(fn, samples, num_warmup_iters, pool):
         if fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         recorded.append(tuple(tuple(s.shape) for s in samples))
         assert all(not s.requires_grad or s.is_leaf for s in samples)  # samples detached from the step's graph
+        fn(*samples).float().sum().backward()
         return fn
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
@@ -350,6 +352,41 @@ def test_packed_graphs_leave_large_micro_batches_and_failed_recordings_to_the_ea
     failed = [r for r in caplog.records if "recording the packed stack failed" in r.getMessage()]
     assert len(failed) == len(graphs.graphs) >= 1  # once per shape, not once per step
     assert graphs.replays == 0 and all(g is None for g in graphs.graphs.values())
+
+
+def test_graphed_and_eager_micro_batches_share_the_compiled_layers(tokenizer_dir, monkeypatch):
+    """A graph records under autocast without its weight cache (a recording cannot hold the cache). Had the eager
+    micro-batches kept the cache on, torch.compile would trace the layers again for the other state (dynamo
+    guards on it): on the H200 a recompile inside the timed steps, seconds a shape. Both run in one state."""
+    from softprompt.core.packed_graphs import PackedGraphs
+    from softprompt.hf.backbone import compile_layers
+
+    def compiles(graphs: bool) -> tuple[int, list]:
+        count, recorded = [0], []
+        _stand_in_recorder(monkeypatch, recorded)
+
+        def backend(gm, example_inputs):
+            count[0] += 1
+            return gm.forward
+
+        torch._dynamo.reset()
+        model = build_ours(make_base("llama"), VARIANTS["prompt_text"], tokenizer_dir).train()
+        assert compile_layers(model.base_model, backend=backend) is None
+        if graphs:  # micro-batches of up to 24 slots record a graph, larger ones run the eager stack
+            model.packed_graphs = PackedGraphs(model.base_model, max_slots=24, device_type="cpu")
+        features = rows((5, 9, 3, 7, 6, 12, 4))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(2):
+                packed_loss(model, features, row_length=16, token_budget=32).backward()
+        return count[0], recorded
+
+    eager, _ = compiles(graphs=False)
+    graphed, recorded = compiles(graphs=True)
+    torch._dynamo.reset()
+    assert recorded and eager >= 1
+    # no trace more than the eager stack's (fewer: a recording's samples are fresh tensors, never views, and
+    # the eager first layer's input is a view, which takes a trace of its own)
+    assert graphed <= eager
 
 
 def test_a_micro_batch_travels_as_one_storage(tokenizer_dir):
