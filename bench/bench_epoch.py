@@ -248,6 +248,10 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of softprompt's layers, e.g. reduce-overhead")
+    ap.add_argument("--compile-dynamic", default="true", choices=["true", "auto"],
+                    help="an experiment: 'auto' compiles softprompt's layers with dynamo's automatic dynamic and "
+                         "symbolic module integers (compile_layers(dynamic=None)): one trace for every layer of a "
+                         "Llama / Qwen2 prefix instead of one a layer")
     ap.add_argument("--cudnn-sdp", default="true", choices=["true", "false", "both"],
                     help="softprompt's runs with cuDNN's attention kernels allowed, without them, or both in turn "
                          "(its per-shape set-up cost the host 0.8-0.9 ms a call in run 12's profile of bloom "
@@ -258,11 +262,12 @@ def main() -> None:
     ap.add_argument("--check-graphs", type=int, default=0, metavar="BATCHES",
                     help="instead of timing: gradients on BATCHES batches with graphs and without, compared")
     args = ap.parse_args()
-    if args.compile_mode:  # an experiment: every softprompt run below compiles with this mode
+    if args.compile_mode or args.compile_dynamic != "true":  # experiments: every softprompt run below compiles so
         import functools
 
         import softprompt.train.trainer as sp_trainer
-        sp_trainer.compile_layers = functools.partial(sp_trainer.compile_layers, mode=args.compile_mode)
+        sp_trainer.compile_layers = functools.partial(sp_trainer.compile_layers, mode=args.compile_mode,
+                                                      dynamic=True if args.compile_dynamic == "true" else None)
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.no_cudnn_sdp:
         args.cudnn_sdp = "false"
@@ -362,7 +367,7 @@ def main() -> None:
         if CUDA:
             torch.cuda.empty_cache()
     meta = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "cudnn_sdp": args.cudnn_sdp}
+            "transformers": __import__("transformers").__version__, "cudnn_sdp": args.cudnn_sdp, "compile_dynamic": args.compile_dynamic}
     try:
         meta["peft"] = __import__("peft").__version__
     except ImportError:

@@ -272,10 +272,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> str | None:
+def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool | None = True) -> str | None:
     """`torch.compile` each decoder layer of the frozen base in place (one graph serves every layer); the
     reason when it is skipped. Shapes are dynamic (packed micro-batches vary in rows and length), and a
-    layer dynamo cannot compile runs eagerly with a warning instead of stopping the run."""
+    layer dynamo cannot compile runs eagerly with a warning instead of stopping the run.
+
+    `dynamic=None`: dynamo's automatic dynamic instead, every size and every integer attribute of the layers
+    static until it changes. A prefix reaches each layer through `FrozenPrefixCache.update(..., layer_idx)`,
+    and dynamo specializes a module's integer attribute: with `dynamic=True` the Llama / Qwen2 layers are then
+    traced again for every layer (two traces a layer in the CPU test; run 12's Qwen2 prefix tuning spent 123 s of
+    its first 20 steps compiling, prompt tuning 22 s); with `dynamic=None` and module integers allowed to turn
+    symbolic, `layer_idx` alone does, after the second layer, and the trace count no longer grows with the
+    depth. An experiment until measured on a GPU (`bench/bench_epoch.py --compile-dynamic auto`)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if backend == "inductor":
@@ -292,8 +301,10 @@ def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None
 
     dynamo_config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+    if dynamic is None:
+        dynamo_config.allow_unspec_int_on_nn_module = True
     for layer in layers:
-        layer.compile(backend=backend, dynamic=True, mode=mode)
+        layer.compile(backend=backend, dynamic=dynamic, mode=mode)
     if is_bloom(model):  # packed rows run the blocks through `bloom_block`
         _compiled_blocks[model.transformer] = torch.compile(bloom_block, backend=backend, dynamic=True, mode=mode)
     return None

@@ -23,7 +23,12 @@ class FrozenPrefixCache(DynamicCache):
     that a size mismatch, which is why peft refuses gradient checkpointing with prefix tuning.
     """
 
+    stacked: torch.Tensor | None = None  # (layers, 2, B, kv_heads, P, head_dim): every layer's prefix
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.stacked is not None:
+            prefix = self.stacked[layer_idx]
+            return torch.cat([prefix[0], key_states], dim=-2), torch.cat([prefix[1], value_states], dim=-2)
         layer = self.layers[layer_idx]
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
@@ -41,6 +46,10 @@ def build_prefix_cache(model_config, key_values: torch.Tensor, *, frozen: bool) 
     cache = (FrozenPrefixCache if frozen else DynamicCache)(config=model_config)
     for layer_idx in range(key_values.shape[0]):
         DynamicCache.update(cache, key_values[layer_idx, 0], key_values[layer_idx, 1], layer_idx)
+    if frozen and all(layer.keys.shape[-2] == key_values.shape[-2] for layer in cache.layers):
+        # one tensor indexed by the layer: a compiled layer then serves every layer (`compile_layers`);
+        # not where a sliding-window layer kept only the prefix's last keys
+        cache.stacked = key_values
     return cache
 
 

@@ -389,6 +389,42 @@ def test_graphed_and_eager_micro_batches_share_the_compiled_layers(tokenizer_dir
     assert graphed <= eager
 
 
+def test_automatic_dynamic_compiles_a_prefix_once_for_all_layers(tokenizer_dir):
+    """Each layer's prefix comes through `FrozenPrefixCache.update(..., layer_idx)`; with `dynamic=True` dynamo
+    specializes `layer_idx` and traces the layer again for each layer (minutes for 24 on a GPU).
+    `compile_layers(dynamic=None)` lets it turn symbolic: the traces no longer grow with the depth."""
+    import transformers
+
+    from softprompt.hf.backbone import compile_layers
+
+    def traces(layers: int, dynamic) -> int:
+        count = [0]
+
+        def backend(gm, example_inputs):
+            count[0] += 1
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        config = FAMILIES["qwen2"]()
+        config.num_hidden_layers, config.layer_types = layers, [config.layer_types[0]] * layers
+        base = transformers.AutoModelForCausalLM.from_config(config).eval()
+        model = build_ours(base, VARIANTS["prefix_proj"], tokenizer_dir).train()
+        assert compile_layers(model.base_model, backend=backend, dynamic=dynamic) is None
+        for _ in range(2):
+            packed_loss(model, rows((5, 9, 3, 7, 6, 12, 4)), row_length=16, token_budget=32).backward()
+        torch._dynamo.reset()
+        return count[0]
+
+    per_layer = traces(5, True)  # first: `dynamic=None` turns module integers symbolic for the process
+    try:
+        shallow, deep = traces(2, None), traces(5, None)
+    finally:
+        torch._dynamo.config.allow_unspec_int_on_nn_module = False
+    assert shallow == deep >= 1
+    assert per_layer > deep  # the per-layer traces this option removes
+
+
 def test_a_micro_batch_travels_as_one_storage(tokenizer_dir):
     """A loader worker sends each storage through its own file descriptor: a micro-batch's tensors share one."""
     model = build_ours(make_base("llama"), VARIANTS["prefix_proj"], tokenizer_dir)
