@@ -249,7 +249,8 @@ def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names
     """`PeftModel.forward(packing=...)`: one forward over packed rows (the collator's batch); no host-device sync."""
     if isinstance(adapter_names, str) or adapter_names is None:
         adapter_names = [adapter_names if adapter_names is not None else model.active_adapter]
-    if inputs_embeds is None:
+    owned = inputs_embeds is None  # embedded here: written in place below
+    if owned:
         inputs_embeds = model.get_input_embeddings()(input_ids)  # (R, T, D)
     dtype = inputs_embeds.dtype
     names = list(adapter_names)
@@ -262,10 +263,13 @@ def packed_forward(model, input_ids, inputs_embeds, packing: dict, adapter_names
         table = torch.cat(virtual).to(dtype)  # (sum V, D)
         # Written at their slots by index: gathering a (R, T) index from the table would make the backward an
         # accumulating scatter of every slot (milliseconds), where this one touches the virtual slots only.
+        # In place, through a flat view of a tensor of our own: the result is no view, and the first layer gets
+        # what every other layer gets (torch.compile traces a layer again for an input that is a view).
         R, T, D = inputs_embeds.shape
-        inputs_embeds = inputs_embeds.reshape(R * T, D).index_copy(
-            0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"])
-        ).view(R, T, D)
+        if not owned or inputs_embeds.requires_grad:
+            inputs_embeds = inputs_embeds.clone()
+        inputs_embeds.view(R * T, D).index_copy_(
+            0, packing["virtual_index"], table.index_select(0, packing["virtual_rows"]))
     key_values = None
     kvs = [a.key_values() for a in adapters if a is not None and a.placement == "prefix"]
     if kvs:

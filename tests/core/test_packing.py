@@ -389,6 +389,31 @@ def test_graphed_and_eager_micro_batches_share_the_compiled_layers(tokenizer_dir
     assert graphed <= eager
 
 
+@pytest.mark.parametrize("variant", ["prompt_text", "ptune_mlp"])
+def test_every_layer_gets_hidden_states_of_one_kind(variant, tokenizer_dir):
+    """torch.compile guards on whether a layer's input is a view: the first layer's input, where the virtual
+    tokens are written, must be a plain tensor as every other layer's is, or the layer is traced twice."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = build_ours(make_base("llama"), VARIANTS[variant], tokenizer_dir).train()
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden._is_view())
+
+    layers = [m for m in model.base_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        ref = alone_loss(model, rows())
+        loss = packed_loss(model, rows())
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)  # written in place, the same loss
+    assert len(seen) > len(layers) and not any(seen)
+
+
 def test_automatic_dynamic_compiles_a_prefix_once_for_all_layers(tokenizer_dir):
     """Each layer's prefix comes through `FrozenPrefixCache.update(..., layer_idx)`; with `dynamic=True` dynamo
     specializes `layer_idx` and traces the layer again for each layer (minutes for 24 on a GPU).
