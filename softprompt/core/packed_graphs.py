@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # Graphs pay where launching a micro-batch's kernels takes the host longer than the GPU takes to run them. On an
 # H200 with a 1.4B base: the seed's 8 rows (~2,000 slots) ran 1.3-1.9x faster with graphs, while batch 32 (~5,000-
 # 9,000 slots in a micro-batch, a new shape every few steps, each recorded at the cost of three forwards and
-# backwards) ran 1.6x slower and reserved 1.5x the memory (BENCHMARKS.md, run 11).
+# backwards) ran 1.6x slower and reserved 1.5x the memory (BENCHMARKS.md, run 11; the speed part of that
+# comparison was biased against graphs by the bench's clock of the time, run 13: to be measured again).
 MAX_SLOTS = 4096
 
 
