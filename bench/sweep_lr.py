@@ -37,8 +37,8 @@ and the report averages the seeds.
 What the GPU box lacks, carried as wheels (built for Python 3.12; nothing else softprompt imports is missing
 there: torch, transformers, accelerate, safetensors, pyyaml, matplotlib, pandas, pyarrow, xxhash, peft are in its
 image). Each call's working tree, carried files included, travels only up to 64 MiB, and the model wheels are
-larger, so they travel in separate calls made back to back (a warm machine keeps /tmp and the repo's ignored files
-between calls):
+larger, so they travel in separate calls made back to back (a warm machine keeps /tmp between calls, but not what
+an earlier call carried into the repo: install or copy each call's carried files to /tmp in that call):
 
     .whl/   datasets-5.2.0, dill-0.4.1, multiprocess-0.70.19 (py312), xxhash wheel: `datasets` and its needs
     .whl13/ gguf-0.19.0-py3-none-any.whl                              (118 kB) reads the GGUF files
