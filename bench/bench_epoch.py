@@ -249,6 +249,19 @@ def peft_run(method: str, model_dir: Path, data: str, out: Path, steps: int, dty
     return trainer, model
 
 
+def each_softprompt_run(plan: list, key: str, choice: str, values: tuple) -> list:
+    """`plan` with each softprompt run under `key`'s values: `choice` "true" leaves it as it is, "false" takes the
+    second value, "both" runs both in turn; peft's runs stay as they are."""
+    if choice == "true":
+        return plan
+    chosen = values if choice == "both" else values[1:]
+    out = []
+    for shape, method, lib, setting, extra in plan:
+        out += ([(shape, method, lib, setting, {**extra, key: value}) for value in chosen] if lib == "softprompt"
+                else [(shape, method, lib, setting, extra)])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -322,18 +335,9 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))
         plan = []
-    if args.graphs != "true":  # softprompt's runs without graphs, or with and without
-        expanded = []
-        for shape, method, lib, setting, extra in plan:
-            choices = (("true", "false") if args.graphs == "both" else ("false",)) if lib == "softprompt" else (None,)
-            for graphs in choices:
-                keys = extra if graphs is None else {**extra, "cuda_graphs": graphs}
-                expanded.append((shape, method, lib, setting, keys))
-        plan = expanded
-    if args.cudnn_sdp != "true":  # softprompt's runs without cuDNN attention, or with and without in turn
-        choices = (True, False) if args.cudnn_sdp == "both" else (False,)
-        plan = [(shape, method, lib, setting, {**extra, "cudnn_sdp": c})
-                for shape, method, lib, setting, extra in plan for c in (choices if lib == "softprompt" else (None,))]
+    # softprompt's runs with the switch off, or on and then off, in one process (peft's runs as they are)
+    plan = each_softprompt_run(plan, "cuda_graphs", args.graphs, ("true", "false"))
+    plan = each_softprompt_run(plan, "cudnn_sdp", args.cudnn_sdp, (True, False))
     cudnn_now = cudnn_default
     for shape, method, lib, setting, extra in plan:
         row = {"shape": shape, "method": method, "lib": lib, "setting": setting, **extra}

@@ -125,10 +125,8 @@ class PackedGraphs:
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        try:
-            with no_autocast_cache(self.device_type):
-                return torch.cuda.make_graphed_callables(stack, samples, num_warmup_iters=self.warmup,
-                                                         pool=self.pool)
+        try:  # under `no_autocast_cache`, as `packed_forward` runs the stack, graphed or not
+            return torch.cuda.make_graphed_callables(stack, samples, num_warmup_iters=self.warmup, pool=self.pool)
         except Exception as error:  # noqa: BLE001 - any failure: run this shape eagerly, say so once
             shape = "x".join(map(str, args[0].shape))
             logger.warning("CUDA graphs: recording the packed stack failed for micro-batches of %s (%s: %s); "
