@@ -293,6 +293,8 @@ def _stand_in_recorder(monkeypatch, recorded: list, fail: bool = False):
             raise RuntimeError("operation not permitted when stream is capturing")
         recorded.append(tuple(tuple(s.shape) for s in samples))
         assert all(not s.requires_grad or s.is_leaf for s in samples)  # samples detached from the step's graph
+        # a CUDA graph cannot record autocast's weight cache
+        assert not (torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled())
         fn(*samples).float().sum().backward()
         return fn
 
@@ -361,7 +363,7 @@ def test_graphed_and_eager_micro_batches_share_the_compiled_layers(tokenizer_dir
     from softprompt.core.packed_graphs import PackedGraphs
     from softprompt.hf.backbone import compile_layers
 
-    def compiles(graphs: bool) -> tuple[int, list]:
+    def compiles(graphs: bool) -> tuple[int, list, object]:
         count, recorded = [0], []
         _stand_in_recorder(monkeypatch, recorded)
 
@@ -378,12 +380,13 @@ def test_graphed_and_eager_micro_batches_share_the_compiled_layers(tokenizer_dir
         with torch.autocast("cpu", dtype=torch.bfloat16):
             for _ in range(2):
                 packed_loss(model, features, row_length=16, token_budget=32).backward()
-        return count[0], recorded
+        return count[0], recorded, model.packed_graphs
 
-    eager, _ = compiles(graphs=False)
-    graphed, recorded = compiles(graphs=True)
+    eager, _, _ = compiles(graphs=False)
+    graphed, recorded, packed_graphs = compiles(graphs=True)
     torch._dynamo.reset()
     assert recorded and eager >= 1
+    assert all(g is not None for g in packed_graphs.graphs.values())  # every recording succeeded
     # no trace more than the eager stack's (fewer: a recording's samples are fresh tensors, never views, and
     # the eager first layer's input is a view, which takes a trace of its own)
     assert graphed <= eager
