@@ -11,7 +11,7 @@ with the seed's collator. MFU counts `2*(2*P*L + 2*n_layer*L*L*hidden)` FLOPs fo
     python bench/bench_epoch.py --data .bench/alpaca_chinese_52k.jsonl.gz --tokenizer .bench/smollm2-tokenizer
         [--runs seed,best,peft-seed,peft-best] [--shapes bloom-1b4-zh,qwen2-1b4] [--steps 60]
 
-Writes $OUT/bench_epoch.json (or ./bench_epoch.json); prints one JSON line per run.
+Writes $OUT/bench_epoch.json (or ./bench_epoch.json; `--out` names another file); prints one JSON line per run.
 """
 
 from __future__ import annotations
@@ -274,10 +274,10 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="untimed steps first (compiling happens there)")
     ap.add_argument("--models", default="/tmp/bench-models")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of softprompt's layers, e.g. reduce-overhead")
-    ap.add_argument("--compile-dynamic", default="true", choices=["true", "auto"],
-                    help="an experiment: 'auto' compiles softprompt's layers with dynamo's automatic dynamic and "
-                         "symbolic module integers (compile_layers(dynamic=None)): one trace for every layer of a "
-                         "Llama / Qwen2 prefix instead of one a layer")
+    ap.add_argument("--compile-dynamic", default="rule", choices=["rule", "true", "auto"],
+                    help="how softprompt's layers compile: 'rule' as softprompt trains (compile_layers' default: "
+                         "'auto' except for BLOOM); 'true' every size symbolic (compile_layers(dynamic=True)); "
+                         "'auto' dynamo's automatic dynamic with symbolic module integers (dynamic=None)")
     ap.add_argument("--cudnn-sdp", default="true", choices=["true", "false", "both"],
                     help="softprompt's runs with cuDNN's attention kernels allowed, without them, or both in turn "
                          "(its per-shape set-up cost the host 0.8-0.9 ms a call in run 12's profile of bloom "
@@ -285,21 +285,23 @@ def main() -> None:
     ap.add_argument("--no-cudnn-sdp", action="store_true", help="the same as --cudnn-sdp false")
     ap.add_argument("--graphs", default="true", choices=["true", "false", "both"],
                     help="softprompt's cuda_graphs: each softprompt run with graphs, without, or both")
+    ap.add_argument("--out", default=None, help="the results file (default: $OUT/bench_epoch.json)")
     ap.add_argument("--check-graphs", type=int, default=0, metavar="BATCHES",
                     help="instead of timing: gradients on BATCHES batches with graphs and without, compared")
     args = ap.parse_args()
-    if args.compile_mode or args.compile_dynamic != "true":  # experiments: every softprompt run below compiles so
+    if args.compile_mode or args.compile_dynamic != "rule":  # experiments: every softprompt run below compiles so
         import functools
 
         import softprompt.train.trainer as sp_trainer
+        dynamic = {"rule": "auto", "true": True, "auto": None}[args.compile_dynamic]
         sp_trainer.compile_layers = functools.partial(sp_trainer.compile_layers, mode=args.compile_mode,
-                                                      dynamic=True if args.compile_dynamic == "true" else None)
+                                                      dynamic=dynamic)
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.no_cudnn_sdp:
         args.cudnn_sdp = "false"
     cudnn_default = torch.backends.cuda.cudnn_sdp_enabled()
-    out_root = Path(os.environ.get("OUT", "."))
-    out_root.mkdir(parents=True, exist_ok=True)
+    out_file = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_epoch.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/bench-epoch")
     results = []
     runs = args.runs.split(",")
@@ -333,7 +335,7 @@ def main() -> None:
                         row["error"] = traceback.format_exc()[-1500:]
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                    (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))
+                    out_file.write_text(json.dumps({"rows": results}, indent=1))
         plan = []
     # softprompt's runs with the switch off, or on and then off, in one process (peft's runs as they are)
     plan = each_softprompt_run(plan, "cuda_graphs", args.graphs, ("true", "false"))
@@ -378,7 +380,7 @@ def main() -> None:
             row["error"] = traceback.format_exc()[-1500:]
         results.append(row)
         print(json.dumps(row), flush=True)
-        (out_root / "bench_epoch.json").write_text(json.dumps({"rows": results}, indent=1))  # kept if cut short
+        out_file.write_text(json.dumps({"rows": results}, indent=1))  # kept if cut short
         del trainer, model
         gc.collect()
         if CUDA:
@@ -389,7 +391,7 @@ def main() -> None:
         meta["peft"] = __import__("peft").__version__
     except ImportError:
         pass
-    (out_root / "bench_epoch.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    out_file.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -273,18 +273,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = True) -> str | None:
+                   dynamic: bool | None | str = "auto") -> str | None:
     """`torch.compile` each decoder layer of the frozen base in place (one graph serves every layer); the
-    reason when it is skipped. Shapes are dynamic (packed micro-batches vary in rows and length), and a
-    layer dynamo cannot compile runs eagerly with a warning instead of stopping the run.
+    reason when it is skipped. A layer dynamo cannot compile runs eagerly with a warning instead of stopping
+    the run. Packed micro-batches vary in rows and length, so sizes are dynamic, in one of two ways:
 
-    `dynamic=None`: dynamo's automatic dynamic instead, every size and every integer attribute of the layers
-    static until it changes. A prefix reaches each layer through `FrozenPrefixCache.update(..., layer_idx)`,
-    and dynamo specializes a module's integer attribute: with `dynamic=True` the Llama / Qwen2 layers are then
-    traced again for every layer (two traces a layer in the CPU test; run 12's Qwen2 prefix tuning spent 123 s of
-    its first 20 steps compiling, prompt tuning 22 s); with `dynamic=None` and module integers allowed to turn
-    symbolic, `layer_idx` alone does, after the second layer, and the trace count no longer grows with the
-    depth. An experiment until measured on a GPU (`bench/bench_epoch.py --compile-dynamic auto`)."""
+    - `dynamic=None`, dynamo's automatic dynamic with module integers allowed to turn symbolic: every size static
+      until it changes. A prefix reaches each layer through `FrozenPrefixCache.update(..., layer_idx)`, and with
+      `dynamic=True` dynamo specializes that integer, tracing the Llama / Qwen2 layers again for every layer; here
+      `layer_idx` alone turns symbolic, after the second layer, and the traces no longer grow with the depth.
+    - `dynamic=True`: every size symbolic from the first trace.
+
+    `"auto"` (the default) takes `True` for BLOOM and `None` for every other family. Measured on the H200 (run
+    14, BENCHMARKS.md; Qwen2 and bloom shapes, batch 32, a fresh process each): Qwen2 prefix tuning with `True`
+    was still compiling when its 170 s ran out (run 12: 123 s), with `None` it trained 120 steps in 30 s at
+    44.7% MFU; Qwen2 prompt tuning ran alike (43.7% / 44.4%). BLOOM's packed blocks run `bloom_block`, whose
+    integers symbolic cost kernels: prefix tuning 46.4% MFU with `True`, 35.3% with `None`; prompt tuning 45.3%
+    / 40.6%. The module-integer switch is dynamo's, for the process: the last call here sets it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if backend == "inductor":
@@ -301,8 +306,11 @@ def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None
 
     dynamo_config.suppress_errors = True  # fall back to eager, with dynamo's warning, never stop training
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
-    if dynamic is None:
-        dynamo_config.allow_unspec_int_on_nn_module = True
+    if dynamic == "auto":
+        dynamic = True if is_bloom(model) else None
+    elif dynamic not in (True, False, None):
+        raise ValueError(f"dynamic={dynamic!r}: use True, False, None or 'auto'")
+    dynamo_config.allow_unspec_int_on_nn_module = dynamic is None
     for layer in layers:
         layer.compile(backend=backend, dynamic=dynamic, mode=mode)
     if is_bloom(model):  # packed rows run the blocks through `bloom_block`

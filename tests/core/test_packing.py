@@ -15,6 +15,13 @@ from conftest import FAMILIES, VARIANTS, VOCAB, _common, build_ours, make_base
 LENGTHS = (5, 9, 3, 7, 6)
 
 
+@pytest.fixture(autouse=True)
+def _dynamo_switch_restored():
+    """`compile_layers` sets dynamo's module-integer switch for the process: each test starts from torch's."""
+    yield
+    torch._dynamo.config.allow_unspec_int_on_nn_module = False
+
+
 def rows(lengths=LENGTHS, seed: int = 0, prompt: int = 2) -> list[dict]:
     """Rows of random ids whose first `prompt` tokens carry no label (the masked prompt)."""
     g = torch.Generator().manual_seed(seed)
@@ -420,12 +427,13 @@ def test_every_layer_gets_hidden_states_of_one_kind(variant, tokenizer_dir):
 def test_automatic_dynamic_compiles_a_prefix_once_for_all_layers(tokenizer_dir):
     """Each layer's prefix comes through `FrozenPrefixCache.update(..., layer_idx)`; with `dynamic=True` dynamo
     specializes `layer_idx` and traces the layer again for each layer (minutes for 24 on a GPU).
-    `compile_layers(dynamic=None)` lets it turn symbolic: the traces no longer grow with the depth."""
+    `compile_layers(dynamic=None)` lets it turn symbolic: the traces no longer grow with the depth. The default
+    (`"auto"`) takes it for every family but BLOOM."""
     import transformers
 
     from softprompt.hf.backbone import compile_layers
 
-    def traces(layers: int, dynamic) -> int:
+    def traces(layers: int, dynamic, family: str = "qwen2") -> int:
         count = [0]
 
         def backend(gm, example_inputs):
@@ -434,23 +442,35 @@ def test_automatic_dynamic_compiles_a_prefix_once_for_all_layers(tokenizer_dir):
 
         torch._dynamo.reset()
         torch.manual_seed(0)
-        config = FAMILIES["qwen2"]()
-        config.num_hidden_layers, config.layer_types = layers, [config.layer_types[0]] * layers
+        config = FAMILIES[family]()
+        if family == "bloom":
+            config.n_layer = layers
+        else:
+            config.num_hidden_layers, config.layer_types = layers, [config.layer_types[0]] * layers
         base = transformers.AutoModelForCausalLM.from_config(config).eval()
         model = build_ours(base, VARIANTS["prefix_proj"], tokenizer_dir).train()
-        assert compile_layers(model.base_model, backend=backend, dynamic=dynamic) is None
+        kwargs = {} if dynamic == "default" else {"dynamic": dynamic}
+        assert compile_layers(model.base_model, backend=backend, **kwargs) is None
+        symbolic_module_ints = torch._dynamo.config.allow_unspec_int_on_nn_module
         for _ in range(2):
             packed_loss(model, rows((5, 9, 3, 7, 6, 12, 4)), row_length=16, token_budget=32).backward()
         torch._dynamo.reset()
+        assert symbolic_module_ints == (dynamic is None or (dynamic == "default" and family != "bloom"))
         return count[0]
 
-    per_layer = traces(3, True)  # first: `dynamic=None` turns module integers symbolic for the process
-    try:
-        shallow, deep = traces(2, None), traces(3, None)
-    finally:
-        torch._dynamo.config.allow_unspec_int_on_nn_module = False
-    assert shallow == deep >= 1
+    per_layer = traces(3, True)  # each call sets dynamo's module-integer switch for the process
+    shallow, deep, default = traces(2, None), traces(3, None), traces(3, "default")
+    assert shallow == deep == default >= 1
     assert per_layer > deep  # the per-layer traces this option removes
+    traces(2, "default", family="bloom")  # BLOOM keeps every size symbolic, module integers static
+
+
+def test_compile_layers_refuses_an_unknown_dynamic(tokenizer_dir):
+    from softprompt.hf.backbone import compile_layers
+
+    model = build_ours(make_base("llama"), VARIANTS["prompt_text"], tokenizer_dir)
+    with pytest.raises(ValueError, match="dynamic='yes'"):
+        compile_layers(model.base_model, backend="eager", dynamic="yes")
 
 
 def test_a_micro_batch_travels_as_one_storage(tokenizer_dir):
