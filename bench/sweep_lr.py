@@ -449,9 +449,18 @@ def report(rows: list[dict]) -> str:
         runs = [r for r in mine if r["engine"] == engine]
         rates = sorted({r["rate"] for r in runs})
         size = "400 / 200 / 200 rows" if n is None else f"{n} rows each"
-        seeds = sorted({r.get("seed", SHAPE["seed"]) for r in runs})
-        if len(seeds) > 1:
-            size += f", the mean of seeds {', '.join(map(str, seeds))}"
+        def seeds_of(group) -> tuple:
+            return tuple(sorted({r.get("seed", SHAPE["seed"]) for r in group}))
+
+        by_cell = {}
+        for r in runs:
+            by_cell.setdefault((label(r), r["rate"]), []).append(r)
+        seed_sets = [seeds_of(group) for group in by_cell.values()]
+        usual = max(set(seed_sets), key=seed_sets.count)  # the seeds most cells ran; others are marked
+        if len(set(seed_sets)) > 1 or len(usual) > 1:
+            size += f", the mean of seeds {', '.join(map(str, usual))}"
+            if len(set(seed_sets)) > 1:
+                size += " (cells marked † the mean of the seeds noted below the table)"
         out.append(f"**{engine}, {lang}, {model}** ({size}; cell: report loss (validation loss); bold: the rate with "
                    "the lowest validation loss)" + (f"; the base model: {base[0]['report_loss']:.3f} "
                                                      f"({base[0]['validation_loss']:.3f})" if base else ""))
@@ -459,6 +468,7 @@ def report(rows: list[dict]) -> str:
         out.append("| variant | " + " | ".join(format_rate(r) for r in rates) + " | chosen |")
         out.append("|---" * (len(rates) + 2) + "|")
         labels = sorted({label(r) for r in runs}, key=lambda v: (list(VARIANTS).index(v.split(" ")[0]), v))
+        marked = []
         for variant in labels:
             cells = {rate: averaged([r for r in runs if label(r) == variant and r["rate"] == rate])
                      for rate in rates if any(label(r) == variant and r["rate"] == rate for r in runs)}
@@ -469,9 +479,16 @@ def report(rows: list[dict]) -> str:
                 r = cells.get(rate)
                 text = "–" if r is None else "error" if "error" in r else \
                     f"{r['report_loss']:.3f} ({r['validation_loss']:.3f})"
+                if r is not None and seeds_of(by_cell[variant, rate]) != usual:
+                    text += "†"
+                    marked.append(f"{variant} at {format_rate(rate)}: seeds "
+                                  f"{', '.join(map(str, seeds_of(by_cell[variant, rate])))}")
                 line.append(f"**{text}**" if r is not None and r is best else text)
             chosen = f"{format_rate(best['rate'])}: {best['report_loss']:.3f}" if best else "–"
             out.append(f"| {variant} | " + " | ".join(line) + f" | {chosen} |")
+        if marked:
+            out.append("")
+            out.append("† " + "; ".join(marked) + ".")
         out.append("")
     return "\n".join(out)
 

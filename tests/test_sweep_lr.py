@@ -86,6 +86,18 @@ def test_seeds_are_runs_of_their_own_and_the_report_averages_them(tmp_path):
     assert "the mean of seeds 0, 1, 2" in text and "**3.000 (2.000)**" in text  # the failed seed is left out
 
 
+def test_cells_with_more_seeds_than_the_rest_are_marked(tmp_path):
+    """Two rates of one variant ran two more seeds: their cells say so, the others keep the header's seeds."""
+    base = {**sweep.plan(args_for(tmp_path / "s.jsonl"))[1], "rows": 16}
+    cells = [("prompt_random", 1e-2, 2), ("prompt_random", 3e-2, 2), ("ptune_lstm", 1e-2, 2), ("ptune_mlp", 3e-3, 4)]
+    rows = [{**base, "variant": variant, "rate": rate, "seed": seed, "validation_loss": 1.0 + seed,
+             "report_loss": 1.0 + seed} for variant, rate, seeds in cells for seed in range(seeds)]
+    text = sweep.report(rows)
+    assert "the mean of seeds 0, 1 (cells marked †" in text
+    assert "| prompt_random | – | 1.500 (1.500) | 1.500 (1.500) |" in text.replace("**", "")  # two seeds: unmarked
+    assert "2.500 (2.500)†" in text and "† ptune_mlp at 3e-3: seeds 0, 1, 2, 3." in text
+
+
 def test_a_variant_may_have_its_own_rates_and_a_warm_up_is_a_run_of_its_own(tmp_path):
     out = tmp_path / "s.jsonl"
     own = [sweep.variant_rates("prefix=1e-1,3e-2")]
