@@ -37,7 +37,7 @@ from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
 from softprompt.data.registry import DataSource
 from softprompt.data.token_cache import tokenized_rows
-from softprompt.hf.backbone import compile_layers
+from softprompt.hf.backbone import compile_layers, decoder_layer_classes, packed_layers_unshardable
 from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
@@ -320,7 +320,11 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     shape = dataclasses.replace(ModelShape.from_model_config(model.config), embedding_rms=embedding_rms(model))
     sized = method_config.resolve(shape)
     rate_choice = config.learning_rate(sized, shape)
-    args = config.training_arguments(has_eval=val_data is not None, method_config=sized, shape=shape)
+    layers = decoder_layer_classes(model) if config.shard_base == "fsdp" else None
+    args = config.training_arguments(has_eval=val_data is not None, method_config=sized, shape=shape,
+                                     layer_classes=layers)
+    if args.fsdp and config.packing and (why := packed_layers_unshardable(model)):
+        raise ValueError(f"packing under FSDP: {why}; set packing=false to shard this model")
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
     if "prediction_loss_only" not in config.training:

@@ -213,3 +213,55 @@ def test_accelerate_launch_two_cpu_processes(workspace):
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
           *_train_args(workspace, out)], workspace)
     _check_data_parallel(out)
+
+
+# -- shard_base: fsdp (accelerate runs FSDP on GPUs only: its arguments are checked here, the run on GPUs) -----
+def test_shard_base_fsdp_shards_each_decoder_layer_of_the_wrapped_base(workspace, monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    import softprompt.train.config as train_config
+    from softprompt import PromptEncoderConfig, get_peft_model
+    from softprompt.hf.backbone import decoder_layer_classes
+    from softprompt.io.base_models import load_base
+
+    monkeypatch.setattr(train_config, "_has_accelerator", lambda: True)  # the arguments a GPU machine gets
+    base, _ = load_base(str(workspace / "model"))
+    model = get_peft_model(base, PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16))
+    config = TrainConfig.from_mapping(_settings(workspace, workspace / "fsdp", batch=2, shard_base="fsdp",
+                                                fsdp_config={"cpu_offload": True}))
+    args = config.training_arguments(has_eval=False, layer_classes=decoder_layer_classes(base))
+    assert args.fsdp and args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert args.fsdp_plugin_args["fsdp_version"] == 2 and args.fsdp_plugin_args["cpu_offload"]  # given: on top
+    # what accelerate then shards one by one inside softprompt's PeftModel: the two decoder layers (without
+    # the names, it would take the wrapper's own list, empty, and gather the whole base at once)
+    policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(**args.fsdp_plugin_args), model)
+    assert [name for name, module in model.named_modules() if policy(module)] == \
+        ["base_model.model.layers.0", "base_model.model.layers.1"]
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_ddp(workspace):
+    """On CPU accelerate leaves out FSDP (its state stays MULTI_CPU: plain DDP, the whole base on each process)."""
+    for extra in ({"shard_base": "fsdp"}, {"fsdp": "full_shard auto_wrap"}):
+        config = TrainConfig.from_mapping(_settings(workspace, workspace / "fsdp-cpu", batch=2, **extra))
+        with pytest.raises(ValueError, match="needs GPUs.*remove it to train data-parallel on CPU"):
+            config.training_arguments(has_eval=False, layer_classes=["LlamaDecoderLayer"])
+
+
+def test_shard_base_values_are_checked(workspace):
+    with pytest.raises(ValueError, match="shard_base='zero3' is not valid; allowed values: no, fsdp"):
+        TrainConfig.from_mapping(_settings(workspace, workspace / "x", batch=2, shard_base="zero3"))
+    with pytest.raises(ValueError, match="fills fsdp and fsdp_config itself; remove fsdp"):
+        TrainConfig.from_mapping(_settings(workspace, workspace / "x", batch=2, shard_base="fsdp", fsdp="full_shard"))
+    with pytest.raises(ValueError, match="remove the fsdp_config file"):
+        TrainConfig.from_mapping(_settings(workspace, workspace / "x", batch=2, shard_base="fsdp", fsdp_config="f.json"))
+
+
+def test_packed_bloom_cannot_be_sharded():
+    from conftest import make_base
+    from softprompt.hf.backbone import decoder_layer_classes, packed_layers_unshardable
+
+    assert packed_layers_unshardable(make_base("llama")) is None
+    bloom = make_base("bloom")
+    assert decoder_layer_classes(bloom) == ["BloomBlock"]
+    assert "bloom_block" in packed_layers_unshardable(bloom)
