@@ -226,10 +226,20 @@ class LossPlotCallback(TrainerCallback):
 class RunLogCallback(TrainerCallback):
     """Appends a JSON line to `<output_dir>/trainer_log.jsonl` at every log (`logging_steps`): step, total
     steps, epoch, loss (or eval_loss), learning rate, text tokens/s, elapsed and remaining seconds. After each
-    step, a file `<output_dir>/STOP` ends the run: Trainer leaves its loop and `train` saves as at the end."""
+    step, a file `<output_dir>/STOP` ends the run: Trainer leaves its loop and `train` saves as at the end. With
+    several processes, a stop that one of them sees after a step ends them all after that step."""
+
+    stopped = False
+    _group = None  # several processes: a gloo group of them all, to agree on a stop
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.first_step = time.monotonic(), state.global_step
+        self.stopped = False
+        if args.world_size > 1 and self._group is None:
+            import torch.distributed as dist
+
+            # host tensors: a stop check never waits for a GPU (NCCL's group would sync the step's work)
+            self._group = dist.new_group(backend="gloo")
         self.first_tokens = state.num_input_tokens_seen
         out = Path(args.output_dir)
         if state.is_world_process_zero:
@@ -251,13 +261,21 @@ class RunLogCallback(TrainerCallback):
         self._write(args, line)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if (Path(args.output_dir) / STOP_FILE_NAME).exists():
-            control.should_training_stop = True
+        stop = (Path(args.output_dir) / STOP_FILE_NAME).exists()
+        if self._group is not None:
+            # every process stops after the same step, or the others wait in the next step's all-reduce forever:
+            # the file can appear between two processes' checks
+            import torch.distributed as dist
+
+            seen = torch.tensor([int(stop)])
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=self._group)
+            stop = bool(seen.item())
+        if stop:
+            control.should_training_stop = self.stopped = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        stop = Path(args.output_dir) / STOP_FILE_NAME
-        stopped = stop.exists() and state.global_step < state.max_steps
-        stop.unlink(missing_ok=True)  # spent: a resumed run in this folder goes on
+        stopped = self.stopped and state.global_step < state.max_steps
+        (Path(args.output_dir) / STOP_FILE_NAME).unlink(missing_ok=True)  # spent: a resumed run here goes on
         if state.is_world_process_zero:
             self._write(args, {"event": "end", "step": state.global_step, "total_steps": state.max_steps,
                                "stopped": stopped})

@@ -204,6 +204,41 @@ def test_two_processes_killed_after_a_checkpoint_resume_to_the_same_losses(works
     assert logged(out) == logged(ddp_run)  # exact: the same floats, steps 1-4 from the checkpoint, 5-8 resumed
 
 
+STOP_DRIVER = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+import torch.distributed as dist
+from transformers import TrainerControl
+from softprompt.io.files import STOP_FILE_NAME
+from softprompt.train.trainer import RunLogCallback
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = Path(sys.argv[1]) / f"rank{rank}"  # a folder each: only rank 1 finds STOP, as when it appears between checks
+out.mkdir(parents=True)
+if rank == 1:
+    (out / STOP_FILE_NAME).touch()
+args = SimpleNamespace(output_dir=str(out), world_size=2)
+state = SimpleNamespace(global_step=3, max_steps=8, num_input_tokens_seen=0, is_world_process_zero=rank == 0)
+callback, control = RunLogCallback(), TrainerControl()
+callback.on_train_begin(args, state, control)
+callback.on_step_end(args, state, control)
+print(f"rank {rank} stops: {control.should_training_stop}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_file_one_process_sees_stops_both_after_the_same_step(tmp_path):
+    """Else the other process goes on into the next step's all-reduce and waits there for ever."""
+    driver = tmp_path / "stop_driver.py"
+    driver.write_text(STOP_DRIVER)
+    proc = _run(_torchrun(str(driver), str(tmp_path / "out")), tmp_path)
+    assert sorted(line for line in proc.stdout.splitlines() if "stops" in line) == \
+        ["rank 0 stops: True", "rank 1 stops: True"]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(workspace):
     out = workspace / "accelerate"
