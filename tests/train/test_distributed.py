@@ -3,7 +3,8 @@
 Two processes with 2 rows each per step take half the steps of one process over the same epoch, log the same
 losses as one process with 4 rows per step (the same rows in each step, the loss a token mean over both
 processes' rows), write one adapter (rank 0) that loads in softprompt and peft, and one RNG state per rank into
-each checkpoint; killed after a checkpoint, they resume to the losses of an uninterrupted run.
+each checkpoint; killed after a checkpoint, they resume to the losses of an uninterrupted run; a STOP file
+stops both after the same step. `shard_base: fsdp` is checked as the arguments it makes (FSDP runs on GPUs only).
 """
 
 from __future__ import annotations
