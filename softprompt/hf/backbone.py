@@ -84,6 +84,21 @@ def is_bloom(model: nn.Module) -> bool:
     return backbone is not None and hasattr(backbone, "build_alibi_tensor") and hasattr(backbone, "h")
 
 
+def decoder_layer_classes(model: nn.Module) -> list[str]:
+    """The class names of `model`'s decoder layers (transformers' `_no_split_modules` that it holds): the units
+    FSDP shards and gathers one at a time."""
+    present = {type(m).__name__ for m in model.modules()}
+    return [name for name in getattr(model, "_no_split_modules", None) or [] if name in present]
+
+
+def packed_layers_unshardable(model: nn.Module) -> str | None:
+    """Why FSDP cannot shard the layers of `model`'s packed forward; None when it can. FSDP gathers a layer's
+    weights when the layer is called; packed BLOOM calls its blocks' modules one by one (`bloom_block`)."""
+    if is_bloom(model):
+        return "packed BLOOM runs its blocks' own modules one by one (bloom_block), so FSDP never gathers a block"
+    return None
+
+
 def check_packable(model: nn.Module, longest: int | None = None) -> None:
     """A clear error, before training starts, for a base model that packed rows cannot run on.
 

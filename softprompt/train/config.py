@@ -31,6 +31,11 @@ METHODS: dict[str, type[PromptLearningConfig]] = methods()  # prompt_tuning, p_t
 # Each method's base learning rate; a run takes its variant's: `PromptLearningConfig.default_learning_rate()`
 DEFAULT_LEARNING_RATES = {name: cls.learning_rate for name, cls in METHODS.items()}
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the seed's P-Tuning and prefix scripts
+SHARD_BASE = ("no", "fsdp")
+# `shard_base: fsdp`: FSDP2 over the base's decoder layers (filled in from the model), the rest (embeddings, head,
+# the adapter) sharded as one root unit; a full state dict gathered to save. A given `fsdp_config` goes on top.
+FSDP_SETTINGS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+                 "state_dict_type": "FULL_STATE_DICT"}
 
 # Config fields that softprompt sets itself (or that causal LMs fix); not user keys.
 _INTERNAL = {
@@ -94,6 +99,9 @@ class TrainConfig:
     # CUDA graphs of the packed base's forward and backward (core/packed_graphs.py): "auto" (on a GPU), "true", "false"
     cuda_graphs: str = "auto"
     cache_tokenized: bool = True  # keep the tokenized rows on disk (token_cache.py); false: tokenize every run
+    # "fsdp": shard the frozen base's decoder layers over the processes (a base too large for one GPU; GPUs only,
+    # docs/TRAINING.md); "no": every process holds the whole base (DDP)
+    shard_base: str = "no"
     peft: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     # The method's config, built (and so checked) when the run config is read, before any model is loaded
@@ -124,6 +132,14 @@ class TrainConfig:
                 object.__setattr__(self, name, value := str(value).lower())
             if value not in ("auto", "true", "false"):
                 raise ValueError(f"{name}={value!r} is not valid; allowed values: auto, true, false")
+        if self.shard_base not in SHARD_BASE:
+            raise ValueError(f"shard_base={self.shard_base!r} is not valid; allowed values: {', '.join(SHARD_BASE)}")
+        if self.shard_base != "no":
+            given = [k for k in ("fsdp", "deepspeed") if self.training.get(k)]
+            if given or isinstance(self.training.get("fsdp_config"), str):
+                raise ValueError(f"shard_base={self.shard_base!r} fills fsdp and fsdp_config itself; remove "
+                                 f"{' and '.join(given) or 'the fsdp_config file'} (give fsdp_config as a mapping "
+                                 "to add settings), or remove shard_base to configure them by hand")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype={self.base_dtype!r} is not valid; allowed values: {', '.join(BASE_DTYPES)}")
         if isinstance(self.max_skipped_fraction, bool) or not isinstance(self.max_skipped_fraction, (int, float)) \
@@ -228,8 +244,12 @@ class TrainConfig:
                        f"would be {format_rate(default.value)})")
 
     def training_arguments(self, has_eval: bool, method_config: PromptLearningConfig | None = None,
-                           shape: ModelShape | None = None) -> TrainingArguments:
-        """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them)."""
+                           shape: ModelShape | None = None, layer_classes: list[str] | None = None) -> TrainingArguments:
+        """TrainingArguments with softprompt's defaults under the user's keys (docs/TRAINING.md lists them).
+
+        `layer_classes`: the base's decoder-layer class names (`hf/backbone.py::decoder_layer_classes`), FSDP's
+        units under `shard_base: fsdp`.
+        """
         args: dict[str, Any] = {
             "learning_rate": self.learning_rate(method_config, shape)[0],
             "logging_steps": 10,  # the seed's value; Trainer's 500 leaves short runs with no curve
@@ -253,6 +273,20 @@ class TrainConfig:
             # with use_cpu=True; without it every process trains alone on the whole data.
             args["use_cpu"] = True
         args.update(self.training)
+        if self.shard_base == "fsdp" or args.get("fsdp"):
+            if not _has_accelerator():
+                # accelerate builds FSDP on accelerators only: on CPU each process would train as plain DDP,
+                # holding the whole base, with no word said
+                raise ValueError(f"{'shard_base=fsdp' if self.shard_base == 'fsdp' else 'fsdp'} needs GPUs: "
+                                 "accelerate runs FSDP on accelerators only, and on CPU the processes would train "
+                                 "as plain DDP with the whole base each; remove it to train data-parallel on CPU")
+        if self.shard_base == "fsdp":
+            if not layer_classes:
+                raise ValueError("shard_base=fsdp: the base model names no decoder-layer classes to shard "
+                                 "(transformers' _no_split_modules); give fsdp and fsdp_config by hand instead")
+            args["fsdp"] = True
+            args["fsdp_config"] = {**FSDP_SETTINGS, "transformer_layer_cls_to_wrap": list(layer_classes),
+                                   **(self.training.get("fsdp_config") or {})}
         if has_eval and "eval_strategy" not in self.training:
             args["eval_strategy"] = args.get("save_strategy", "steps")
             if "eval_steps" not in self.training and "save_steps" in self.training:

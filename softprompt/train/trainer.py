@@ -37,7 +37,7 @@ from softprompt.core.packing import PackingCollator
 from softprompt.data.rows import ColumnMap, load_rows, make_collator, split
 from softprompt.data.registry import DataSource
 from softprompt.data.token_cache import tokenized_rows
-from softprompt.hf.backbone import compile_layers
+from softprompt.hf.backbone import compile_layers, decoder_layer_classes, packed_layers_unshardable
 from softprompt.hf.trainer import StagedCheckpointTrainer
 from softprompt.inference.evaluate import generate_answers
 from softprompt.io.base_models import load_base
@@ -226,10 +226,20 @@ class LossPlotCallback(TrainerCallback):
 class RunLogCallback(TrainerCallback):
     """Appends a JSON line to `<output_dir>/trainer_log.jsonl` at every log (`logging_steps`): step, total
     steps, epoch, loss (or eval_loss), learning rate, text tokens/s, elapsed and remaining seconds. After each
-    step, a file `<output_dir>/STOP` ends the run: Trainer leaves its loop and `train` saves as at the end."""
+    step, a file `<output_dir>/STOP` ends the run: Trainer leaves its loop and `train` saves as at the end. With
+    several processes, a stop that one of them sees after a step ends them all after that step."""
+
+    stopped = False
+    _group = None  # several processes: a gloo group of them all, to agree on a stop
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started, self.first_step = time.monotonic(), state.global_step
+        self.stopped = False
+        if args.world_size > 1 and self._group is None:
+            import torch.distributed as dist
+
+            # host tensors: a stop check never waits for a GPU (NCCL's group would sync the step's work)
+            self._group = dist.new_group(backend="gloo")
         self.first_tokens = state.num_input_tokens_seen
         out = Path(args.output_dir)
         if state.is_world_process_zero:
@@ -251,13 +261,21 @@ class RunLogCallback(TrainerCallback):
         self._write(args, line)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if (Path(args.output_dir) / STOP_FILE_NAME).exists():
-            control.should_training_stop = True
+        stop = (Path(args.output_dir) / STOP_FILE_NAME).exists()
+        if self._group is not None:
+            # every process stops after the same step, or the others wait in the next step's all-reduce forever:
+            # the file can appear between two processes' checks
+            import torch.distributed as dist
+
+            seen = torch.tensor([int(stop)])
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=self._group)
+            stop = bool(seen.item())
+        if stop:
+            control.should_training_stop = self.stopped = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        stop = Path(args.output_dir) / STOP_FILE_NAME
-        stopped = stop.exists() and state.global_step < state.max_steps
-        stop.unlink(missing_ok=True)  # spent: a resumed run in this folder goes on
+        stopped = self.stopped and state.global_step < state.max_steps
+        (Path(args.output_dir) / STOP_FILE_NAME).unlink(missing_ok=True)  # spent: a resumed run here goes on
         if state.is_world_process_zero:
             self._write(args, {"event": "end", "step": state.global_step, "total_steps": state.max_steps,
                                "stopped": stopped})
@@ -320,7 +338,11 @@ def build_trainer(config: TrainConfig, callbacks: list[TrainerCallback] | None =
     shape = dataclasses.replace(ModelShape.from_model_config(model.config), embedding_rms=embedding_rms(model))
     sized = method_config.resolve(shape)
     rate_choice = config.learning_rate(sized, shape)
-    args = config.training_arguments(has_eval=val_data is not None, method_config=sized, shape=shape)
+    layers = decoder_layer_classes(model) if config.shard_base == "fsdp" else None
+    args = config.training_arguments(has_eval=val_data is not None, method_config=sized, shape=shape,
+                                     layer_classes=layers)
+    if args.fsdp and config.packing and (why := packed_layers_unshardable(model)):
+        raise ValueError(f"packing under FSDP: {why}; set packing=false to shard this model")
     set_seed(args.seed)  # the adapter's initial weights depend on the seed alone
     peft_model = get_peft_model(model, method_config, tokenizer=tokenizer)
     if "prediction_loss_only" not in config.training:
