@@ -73,12 +73,21 @@ class PackingCollator:
     # multiple of 64. On a GPU each new matrix shape costs milliseconds of host time (cuBLAS picks its
     # kernel), more than the padding costs the device.
     fixed_shapes: bool = False
+    # The cost of attention per (slot x slot) of a packed row, against the cost of one slot in the rest of the
+    # model: about 1 / (6 x hidden size) (a layer's matrices cost ~24 x hidden^2 a slot, its attention ~4 x hidden
+    # a slot pair). When set, and shapes are free, rows may be longer than `row_length` where that costs less:
+    # short rows half `row_length` long leave a third of each packed row as padding (`make demo`: 329 slots a step
+    # for 263 text and virtual ones; one row of them: 267).
+    attention_cost: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("row_length", "token_budget", "pad_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer")
+        if isinstance(self.attention_cost, bool) or not isinstance(self.attention_cost, (int, float)) \
+                or not self.attention_cost >= 0:
+            raise ValueError(f"attention_cost={self.attention_cost!r} is not valid; it must be a number >= 0")
 
     @classmethod
     def for_model(cls, model, tokenizer, longest_row: int, token_budget: int = 16384) -> "PackingCollator":
@@ -88,7 +97,7 @@ class PackingCollator:
         check_packable(model.base_model, longest_row + max(widths.virtual.values()) + max(widths.prefix.values()))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(widths, row_length=longest_row + max(widths.virtual.values()), token_budget=token_budget,
-                   pad_token_id=pad)
+                   pad_token_id=pad, attention_cost=1 / (6 * model.shape.hidden_size))
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:
@@ -104,12 +113,36 @@ class PackingCollator:
                 known = ", ".join(sorted(str(n) for n in self.widths.virtual if n is not None))
                 raise ValueError(f"row {i} is for adapter {name!r}, which the model does not have; adapters: {known}")
             segments.append((ids, labels, name))
-        micro_batches = plan(self._sizes(segments), self.row_length, self.token_budget, self.pad_multiple,
-                             min_width=self.row_length if self.fixed_shapes else 0)
+        micro_batches = self._plan(self._sizes(segments))
         packs = [self._tensors(mb, segments) for mb in micro_batches]
         num_items = sum(p.pop("num_targets") for p in packs)
         num_tokens = sum(len(ids) for ids, _, _ in segments)  # text tokens, for tokens/s without a device sync
         return {"packs": packs, "num_items": num_items, "num_tokens": num_tokens}
+
+    def _plan(self, sizes: list[int]) -> list[list[list[int]]]:
+        """`plan` at `row_length`; with free shapes and an `attention_cost`, also at 2x, 4x, ... that length (up to
+        the token budget, or one row for all), keeping the plan of least estimated cost: for each micro-batch of R
+        rows T slots long, R x T x (1 + attention_cost x T)."""
+        if self.fixed_shapes:
+            return plan(sizes, self.row_length, self.token_budget, self.pad_multiple, min_width=self.row_length)
+        best = plan(sizes, self.row_length, self.token_budget, self.pad_multiple)
+        if not self.attention_cost:
+            return best
+        best_cost, length, total = self._cost(best, sizes), 2 * self.row_length, sum(sizes)
+        while length <= self.token_budget and length < 2 * total:  # past the total, every length plans alike
+            candidate = plan(sizes, length, self.token_budget, self.pad_multiple)
+            cost = self._cost(candidate, sizes)
+            if cost < best_cost:
+                best, best_cost = candidate, cost
+            length *= 2
+        return best
+
+    def _cost(self, micro_batches: list[list[list[int]]], sizes: list[int]) -> float:
+        cost = 0.0
+        for rows in micro_batches:
+            T = _round_up(max(sum(sizes[i] for i in row) for row in rows), self.pad_multiple)
+            cost += len(rows) * T * (1 + self.attention_cost * T)
+        return cost
 
     def _sizes(self, segments) -> list[int]:
         return [self.widths.virtual[name] + len(ids) for ids, _, name in segments]

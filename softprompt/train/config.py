@@ -89,8 +89,8 @@ class TrainConfig:
     data_split: str = "train"  # the split of a hub dataset (hub:owner/name) or of a DatasetDict folder
     dataset_registry: str | None = None  # a JSON file of name -> {path or hub, format, columns, split}
     # Packing (docs/TRAINING.md): the rows of one optimizer step (batch x accumulation) run as packed
-    # micro-batches of at most pack_tokens slots; rows of at most pack_length slots (default: max_length plus
-    # the prompt). packing=false keeps Trainer's padded micro-batches.
+    # micro-batches of at most pack_tokens slots; rows of at most pack_length slots when given (default: max_length
+    # plus the prompt, longer off a GPU where that is less work). packing=false keeps Trainer's padded micro-batches.
     packing: bool = True
     pack_tokens: int = 16384
     pack_length: int | None = None

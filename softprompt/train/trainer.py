@@ -417,15 +417,16 @@ def packing_collator(config: TrainConfig, args, model, tokenizer):
     steps, the schedule and the order of rows, stay what the user asked for.
     """
     collator = PackingCollator.for_model(model, tokenizer, config.max_length, config.pack_tokens)
-    if config.pack_length:
-        collator = dataclasses.replace(collator, row_length=config.pack_length)
+    if config.pack_length:  # the user's cap on a packed row: no longer rows
+        collator = dataclasses.replace(collator, row_length=config.pack_length, attention_cost=0.0)
     if args.device.type == "cuda":  # few distinct shapes: each new one costs host time in cuBLAS
         collator = dataclasses.replace(collator, fixed_shapes=True, pad_multiple=16)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
     args.per_device_train_batch_size, args.gradient_accumulation_steps = rows, 1
     if args.should_log:
+        longer = ", or longer where that is less work" if collator.attention_cost and not collator.fixed_shapes else ""
         print(f"packing: {rows} rows per optimizer step in micro-batches of up to {config.pack_tokens} tokens "
-              f"(rows of {collator.row_length}); packing=false for padded batches", flush=True)
+              f"(rows of {collator.row_length}{longer}); packing=false for padded batches", flush=True)
     return collator
 
 

@@ -152,6 +152,41 @@ def test_plan_rows_and_budget():
     assert plan([30], row_length=12, token_budget=8) == [[[0]]]  # too long for a row: a row of its own
 
 
+def test_rows_longer_than_row_length_where_they_cost_less(tokenizer_dir):
+    """Rows about half `row_length` long leave much of each packed row as padding: with an attention cost the
+    collator tries longer rows and keeps the cheapest plan, computing the same loss and gradients; a dear
+    attention keeps `row_length`, and fixed shapes ignore it."""
+    model = build_ours(make_base("llama"), VARIANTS["prompt_random"], tokenizer_dir)  # 4 virtual tokens
+    features = rows((5, 4, 6, 5, 4, 5))  # 8-10 slots each, row_length 12: one a row
+    widths = PromptWidths.of(model)
+
+    def slots(**keys) -> int:
+        batch = PackingCollator(widths, row_length=12, token_budget=256, **keys)(features)
+        return sum(p["input_ids"].numel() for p in batch["packs"])
+
+    assert slots() == 6 * 16  # six rows padded to 16
+    assert slots(attention_cost=1 / (6 * 32)) == 56  # one row of 53 slots, padded to 56
+    assert slots(attention_cost=1.0) == 6 * 16  # attention this dear: the short rows stay
+    assert slots(attention_cost=1 / (6 * 32), fixed_shapes=True) == slots(fixed_shapes=True)
+    batch = PackingCollator(widths, row_length=12, token_budget=256, attention_cost=1 / (6 * 32))(features)
+    ref = alone_loss(model, features)
+    ref.backward()
+    expected = grads(model)
+    model.zero_grad()
+    loss = sum(model(**pack, num_items_in_batch=batch["num_items"]).loss for pack in batch["packs"])
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-5)
+    assert PackingCollator.for_model(model, _Tokenizer(), 10).attention_cost == 1 / (6 * model.shape.hidden_size)
+    with pytest.raises(ValueError, match="attention_cost=-1"):
+        PackingCollator(widths, attention_cost=-1)
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+
 def test_collator_layout(tokenizer_dir):
     """Slot by slot: virtual slots, positions restarting per segment, targets inside each segment only."""
     base = make_base("llama")

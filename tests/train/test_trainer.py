@@ -338,6 +338,14 @@ def test_packed_run_logs_the_losses_of_the_padded_run(workspace, method):
     assert train_packed[0][1] != train_packed[-1][1]  # it trained
 
 
+def test_a_given_pack_length_caps_the_packed_rows(workspace):
+    """Off a GPU packed rows may grow past max_length + prompt where that is less work; a given pack_length is a cap."""
+    capped, _, _ = build_trainer(TrainConfig.from_mapping(settings(workspace, "cap", pack_length=40, val_size=0)))
+    assert capped.data_collator.row_length == 40 and capped.data_collator.attention_cost == 0
+    free, _, _ = build_trainer(TrainConfig.from_mapping(settings(workspace, "free", val_size=0)))
+    assert free.data_collator.attention_cost == pytest.approx(1 / (6 * free.model.shape.hidden_size))
+
+
 def test_a_padded_batch_runs_the_lm_head_only_where_a_label_follows(workspace):
     """The trainer asks the model for `loss_only` (nothing is set on the model): the same loss, fewer logits."""
     config = TrainConfig.from_mapping(settings(workspace, "loss-only", packing=False, val_size=0))
