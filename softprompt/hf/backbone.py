@@ -247,7 +247,7 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # Above this many logits (rows x vocabulary) the loss is computed a chunk of rows at a time (`head_loss`). A
 # chunk's logits, their fp32 copy and gradients, ~16 bytes a logit, sit on top of the forward's saved activations:
 # the step's peak. 2^26 (run 8) took 1.36 GiB off bloom's batch-32 peak against whole logits at the same speed;
-# 2^25 should take ~0.5 GiB more (bloom prefix tuning: 13.65 GiB, 0.602x peft's, in runs 13-14). Not measured yet.
+# 2^25 took bloom prefix tuning's from 13.65 GiB (0.602x peft's, run 14) to 13.28 (0.586x, run 15) at the same speed.
 HEAD_CHUNK_ELEMENTS = 2**25
 
 
